@@ -1,0 +1,192 @@
+"""The PaLM model, written to load the published checkpoints (palm-rlhf-pytorch 0.2.1-0.2.3) unchanged.
+
+Architecture (Chowdhery et al. 2022, https://arxiv.org/abs/2204.02311): a stack of parallel blocks,
+each computing attention and a SwiGLU feedforward from the same pre-LayerNorm input, both added to
+the residual stream; multi-query attention (one key/value head shared by all query heads,
+https://arxiv.org/abs/1911.02150); rotary position embeddings with xPos scaling
+(https://arxiv.org/abs/2212.10554); LayerNorm without bias; no biases anywhere; input embedding tied
+to the output projection. Module names mirror the reference so that state dicts round-trip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from palm.config import PaLMConfig
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias; the zero `beta` buffer is kept because the checkpoints store it."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.register_buffer("beta", torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary angles and xPos scales, always in float32 whatever dtype the model is cast to.
+
+    In bf16 the angle of position 300 is already off by more than a radian, so the tables and
+    the rotation itself stay in float32.
+    """
+
+    def __init__(self, dim_head: int, scale_base: int):
+        super().__init__()
+        self.scale_base = scale_base
+        half = torch.arange(0, dim_head, 2, dtype=torch.float32)
+        self.register_buffer("inv_freq", 1.0 / (10000 ** (half / dim_head)))
+        self.register_buffer("scale", (half + 0.4 * dim_head) / (1.4 * dim_head))
+
+    def _apply(self, fn, recurse=True):
+        # Follow device moves (.to(device), .cuda()) but not dtype casts (.half(), .to(bf16)).
+        for name, buf in self._buffers.items():
+            if buf is not None:
+                moved = fn(buf)
+                self._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
+        return self
+
+    def forward(self, positions: Tensor, xpos_offset: int) -> tuple[Tensor, Tensor, Tensor]:
+        """cos, sin and xPos scale for `positions`, each (len(positions), dim_head) in float32.
+
+        The xPos exponent is (position - xpos_offset) / scale_base; queries take scale**power and
+        keys scale**-power, so attention scores depend only on the distance between positions.
+        """
+        positions = positions.to(self.inv_freq)
+        angles = torch.outer(positions, self.inv_freq)
+        power = (positions - xpos_offset) / self.scale_base
+        xpos = self.scale ** power[:, None]
+        cos, sin, xpos = (torch.cat((t, t), dim=-1) for t in (angles.cos(), angles.sin(), xpos))
+        return cos, sin, xpos
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x` by the given angles (which already carry the xPos scale), computing in float32."""
+    x32 = x.float()
+    return (x32 * cos + rotate_half(x32) * sin).type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU (https://arxiv.org/abs/2002.05202): value half first, gate half second."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return F.silu(gate) * x
+
+
+class ParallelBlock(nn.Module):
+    """Attention and feedforward computed in parallel from one normed input (GPT-J style)."""
+
+    def __init__(self, config: PaLMConfig):
+        super().__init__()
+        dim, dim_head = config.dim, config.dim_head
+        self.heads = config.heads
+        self.dim_head = dim_head
+        self.attn_scale = config.attn_scale
+        self.attn_dropout = config.attn_dropout
+        self.qk_rmsnorm = config.qk_rmsnorm
+
+        self.norm = LayerNorm(dim)
+        # One projection yields, in this order: queries of all heads, the single key head, the
+        # single value head, and the SwiGLU input.
+        self.fused_dims = (config.attn_inner_dim, dim_head, dim_head, 2 * config.ff_inner_dim)
+        self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
+        if config.qk_rmsnorm:
+            self.q_scale = nn.Parameter(torch.ones(dim_head))
+            self.k_scale = nn.Parameter(torch.ones(dim_head))
+        self.rotary_emb = RotaryEmbedding(dim_head, config.xpos_scale_base)
+        self.attn_out = nn.Linear(config.attn_inner_dim, dim, bias=False)
+        self.ff_out = nn.Sequential(
+            SwiGLU(), nn.Dropout(config.ff_dropout), nn.Linear(config.ff_inner_dim, dim, bias=False)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, n, _ = x.shape
+        x = self.norm(x)
+        q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
+
+        q = q.view(batch, n, self.heads, self.dim_head).transpose(1, 2)  # (b, heads, n, d)
+        k, v = k.unsqueeze(1), v.unsqueeze(1)  # (b, 1, n, d), shared by every query head
+
+        if self.qk_rmsnorm:
+            q = F.normalize(q, dim=-1) * self.q_scale
+            k = F.normalize(k, dim=-1) * self.k_scale
+
+        # The reference centres the xPos exponent on the middle of the sequence.
+        cos, sin, xpos = self.rotary_emb(torch.arange(n, device=x.device), xpos_offset=n // 2)
+        q = apply_rotary(q, cos * xpos, sin * xpos)
+        k = apply_rotary(k, cos / xpos, sin / xpos)
+
+        out = F.scaled_dot_product_attention(
+            q, k, v,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            is_causal=True,
+            scale=self.attn_scale,
+            enable_gqa=True,
+        )
+        out = out.transpose(1, 2).reshape(batch, n, -1)
+        return self.attn_out(out) + self.ff_out(ff)
+
+
+class Residual(nn.Module):
+    """x + fn(x); the wrapper exists so state-dict keys read `layers.N.fn.*` like the reference's."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.fn(x)
+
+
+class PaLM(nn.Module):
+    """A decoder-only PaLM language model; `forward` maps token ids (b, n) to logits (b, n, vocab)."""
+
+    def __init__(self, config: PaLMConfig):
+        super().__init__()
+        self.config = config
+        self.token_emb = nn.Embedding(config.num_tokens, config.dim)
+        self.layers = nn.ModuleList(Residual(ParallelBlock(config)) for _ in range(config.depth))
+        self.norm = LayerNorm(config.dim)
+        self.to_logits = nn.Linear(config.dim, config.num_tokens, bias=False)
+        self.tie_weights()
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the output projection (call again after assigning weights)."""
+        self.to_logits.weight = self.token_emb.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.token_emb(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.to_logits(self.norm(x))
+
+    def loss(self, tokens: Tensor) -> Tensor:
+        """Mean next-token cross entropy of `tokens` (b, n): predicts tokens[:, 1:] from tokens[:, :-1]."""
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            tokens[:, 1:].flatten(),
+            ignore_index=self.config.loss_ignore_index,
+        )
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (the tied embedding counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory) -> None:
+        """Write `config.json` and `model.safetensors` into `directory` (see `palm.checkpoint`)."""
+        from palm.checkpoint import save_pretrained
+
+        save_pretrained(self, directory)

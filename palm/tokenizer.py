@@ -1,0 +1,101 @@
+"""Tokenizers: any Hugging Face `tokenizer.json` (local or on the Hub) and a built-in byte tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from palm.errors import PalmError
+from palm.hub import hub_download
+
+DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
+# Special tokens taken as end-of-text when no tokenizer_config.json names one.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|end_of_text|>")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0-255, and 256 as end-of-text. Needs no file and no download."""
+
+    name = "bytes"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` (the format of `tokenizer.json`) with its end-of-text id."""
+
+    def __init__(self, tokenizer, name: str, eos_id: int | None):
+        self._tokenizer = tokenizer
+        self.name = name
+        self.eos_id = eos_id
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *, eos_token: str | None = None) -> Tokenizer:
+    """`"bytes"`, a local `tokenizer.json` (or a directory holding one), or a Hub repo that has one.
+
+    The end-of-text token is `eos_token` when given, else the one `tokenizer_config.json` beside
+    the file names, else the first of the usual special tokens (`<|endoftext|>`, `</s>`, ...).
+    """
+    if name_or_path == "bytes":
+        return ByteTokenizer()
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+        if not path.is_file():
+            raise PalmError(f"{name_or_path} has no tokenizer.json")
+    if path.is_file():
+        config_path = path.with_name("tokenizer_config.json")
+        return _from_file(path, str(name_or_path), config_path if config_path.is_file() else None, eos_token)
+    if "/" not in str(name_or_path) or str(name_or_path).startswith((".", "/")):
+        raise PalmError(f"tokenizer {name_or_path!r}: no such file, and not a Hub repo id or 'bytes'")
+    tokenizer_path = hub_download(str(name_or_path), "tokenizer.json")
+    try:
+        config_path = hub_download(str(name_or_path), "tokenizer_config.json")
+    except PalmError:
+        config_path = None  # optional: many repos have none
+    return _from_file(tokenizer_path, str(name_or_path), config_path, eos_token)
+
+
+def _from_file(path: Path, name: str, config_path: Path | None, eos_token: str | None) -> HFTokenizer:
+    from tokenizers import Tokenizer as RustTokenizer
+
+    try:
+        tokenizer = RustTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise PalmError(f"{path} is not a tokenizer.json file ({str(e).splitlines()[0]})") from None
+
+    if eos_token is None and config_path is not None:
+        try:
+            configured = json.loads(config_path.read_text()).get("eos_token")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            configured = None
+        eos_token = configured.get("content") if isinstance(configured, dict) else configured
+    if eos_token is not None:
+        eos_id = tokenizer.token_to_id(eos_token)
+        if eos_id is None:
+            raise PalmError(f"tokenizer {name}: end-of-text token {eos_token!r} is not in its vocabulary")
+    else:
+        eos_id = next((i for t in EOS_CANDIDATES if (i := tokenizer.token_to_id(t)) is not None), None)
+    return HFTokenizer(tokenizer, name, eos_id)
