@@ -6,7 +6,9 @@ palm's preset registry. `map_location` is where the model goes (default: CPU).
 
 dependencies = ["torch", "safetensors", "huggingface_hub"]
 
-from palm.checkpoint import load  # noqa: E402
+import torch  # noqa: E402
+
+from palm.checkpoint import load, resolve_dtype  # noqa: E402
 from palm.config import get_config  # noqa: E402
 from palm.model import PaLM  # noqa: E402
 
@@ -15,8 +17,9 @@ def _entry_point(name: str):
     def entry(pretrained: bool = True, map_location=None, dtype=None) -> PaLM:
         if pretrained:
             return load(name, device=map_location, dtype=dtype)
-        model = PaLM(get_config(name)).to(device=map_location, dtype=dtype)
-        return model.eval()
+        with torch.device(map_location or "cpu"):
+            model = PaLM(get_config(name))
+        return model.to(dtype=resolve_dtype(dtype)).eval()
 
     entry.__name__ = name
     entry.__doc__ = f"PaLM {name}: the published checkpoint (pretrained=True) or random weights."

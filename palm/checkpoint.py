@@ -110,11 +110,11 @@ def read_torch_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-            detail = f" ({blocked[0]})" if blocked else ""
-            raise PalmError(f"refusing to load {path}: it holds pickled objects other than tensors, which could run code{detail}") from None
-        raise PalmError(f"{path} is not a PyTorch checkpoint ({e})") from None
+        # The weights-only unpickler names a GLOBAL when the file asks for code (a function or class).
+        blocked = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if blocked:
+            raise PalmError(f"refusing to load {path}: it holds pickled objects other than tensors, which could run code ({blocked[0]})") from None
+        raise PalmError(f"{path} is not a readable PyTorch checkpoint (unpickling failed)") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise PalmError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

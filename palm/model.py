@@ -96,15 +96,16 @@ class ParallelBlock(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.qk_rmsnorm = config.qk_rmsnorm
 
+        # Registration order follows the reference, so state dicts list keys in the same order.
         self.norm = LayerNorm(dim)
-        # One projection yields, in this order: queries of all heads, the single key head, the
-        # single value head, and the SwiGLU input.
-        self.fused_dims = (config.attn_inner_dim, dim_head, dim_head, 2 * config.ff_inner_dim)
-        self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
         if config.qk_rmsnorm:
             self.q_scale = nn.Parameter(torch.ones(dim_head))
             self.k_scale = nn.Parameter(torch.ones(dim_head))
         self.rotary_emb = RotaryEmbedding(dim_head, config.xpos_scale_base)
+        # One projection yields, in this order: queries of all heads, the single key head, the
+        # single value head, and the SwiGLU input.
+        self.fused_dims = (config.attn_inner_dim, dim_head, dim_head, 2 * config.ff_inner_dim)
+        self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
         self.attn_out = nn.Linear(config.attn_inner_dim, dim, bias=False)
         self.ff_out = nn.Sequential(
             SwiGLU(), nn.Dropout(config.ff_dropout), nn.Linear(config.ff_inner_dim, dim, bias=False)
