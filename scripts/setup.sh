@@ -7,7 +7,7 @@ extras="${1:-}"
 python="${PYTHON:-python3}"
 
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+pip=(.venv/bin/python -m pip --disable-pip-version-check -qq)
 
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
