@@ -69,6 +69,99 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({'palm-rlhf-pytorch .pt state dict' if as_reference else 'config.json + model.safetensors'})")
 
 
+class TextStreamer:
+    """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character cut in half; wait for the rest
+            return ""
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Generate text from a prompt, streaming it to stdout."""
+    import time
+
+    import torch
+
+    from palm.checkpoint import load
+    from palm.generate import check_sampling_options, stream
+    from palm.quantize import quantize
+    from palm.tokenizer import load_tokenizer
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not prompt:
+        raise PalmError("empty prompt")
+    check_sampling_options(args.temperature, args.filter_thres, args.top_k, args.top_p)
+    if args.num_samples < 1:
+        raise PalmError(f"--num_samples must be >= 1, got {args.num_samples}")
+    tokenizer = load_tokenizer(args.tokenizer)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.checkpoint or args.model, device=device, dtype=args.dtype)
+    if tokenizer.vocab_size > model.config.num_tokens:
+        raise PalmError(
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.num_tokens}; use the tokenizer the model was trained with"
+        )
+    prompt_ids = torch.tensor(tokenizer.encode(prompt))
+    if len(prompt_ids) == 0:
+        raise PalmError("the prompt encodes to no tokens")
+    if len(prompt_ids) >= model.config.max_seq_len:
+        raise PalmError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {model.config.max_seq_len}")
+    if args.max_new_tokens is not None:
+        max_new = args.max_new_tokens
+    else:
+        max_new = args.seq_len - len(prompt_ids)
+        if max_new <= 0:
+            raise PalmError(f"--seq_len {args.seq_len} leaves no room after the {len(prompt_ids)}-token prompt")
+    max_new = min(max_new, model.config.max_seq_len - len(prompt_ids))
+    if args.quantize:
+        quantize(model, args.quantize)
+    if args.compile:
+        model.forward = torch.compile(model.forward, dynamic=False)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    batch = prompt_ids.expand(args.num_samples, -1)
+    streamers = [TextStreamer(tokenizer) for _ in range(args.num_samples)]
+    start = time.perf_counter()
+    first_token_at, count = None, 0
+    if args.num_samples == 1:
+        sys.stdout.write(prompt)
+    for tokens in stream(model, batch, max_new, temperature=args.temperature, filter_thres=args.filter_thres,
+                         top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator):
+        first_token_at = first_token_at or time.perf_counter()
+        count += 1
+        for streamer, token in zip(streamers, tokens.tolist()):
+            if token == tokenizer.eos_id:
+                continue
+            text = streamer.push(token)
+            if args.num_samples == 1:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+    end = time.perf_counter()
+    if args.num_samples == 1:
+        sys.stdout.write("\n")
+    else:
+        for i, streamer in enumerate(streamers):
+            sys.stdout.write(f"--- sample {i + 1} ---\n{prompt}{tokenizer.decode(streamer.ids)}\n")
+    decode_rate = (count - 1) / (end - first_token_at) if count > 1 else float("nan")
+    print(
+        f"[{count} tokens x {args.num_samples} in {end - start:.2f}s: prompt {len(prompt_ids)} tokens "
+        f"in {first_token_at - start if first_token_at else 0:.2f}s, decode {decode_rate:.1f} tokens/s per sequence]",
+        file=sys.stderr,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm", description="Load, run, train and fine-tune PaLM models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help=config_help)
     convert.add_argument("--overwrite", action="store_true", help="replace a model already at DST")
     convert.set_defaults(func=cmd_convert)
+
+    from palm.tokenizer import DEFAULT_TOKENIZER
+
+    gen = commands.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    gen.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    gen.add_argument("--model", default="palm_410m_8k_v0", help="preset whose published weights to use (default: %(default)s)")
+    gen.add_argument("--checkpoint", help="instead of --model: " + source_help)
+    gen.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="Hub name, tokenizer.json, or 'bytes' (default: %(default)s)")
+    gen.add_argument("--seq_len", type=int, default=256, help="total length, prompt included (default: %(default)s)")
+    gen.add_argument("--max_new_tokens", type=int, help="tokens to generate (overrides --seq_len)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    gen.add_argument("--filter_thres", type=float, default=0.9, help="keep the top (1 - filter_thres) of the vocabulary (default: %(default)s)")
+    gen.add_argument("--top_k", type=int, help="keep the k most likely tokens (instead of --filter_thres)")
+    gen.add_argument("--top_p", type=float, help="nucleus sampling: keep the most likely tokens up to probability p")
+    gen.add_argument("--seed", type=int, help="random seed for reproducible samples")
+    gen.add_argument("--num_samples", type=int, default=1, help="samples to draw, as one batch (default: %(default)s)")
+    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default: %(default)s)")
+    gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    gen.add_argument("--quantize", choices=["int8"], help="weight-only int8 quantization")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the model")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -84,6 +84,21 @@ class SwiGLU(nn.Module):
         return F.silu(gate) * x
 
 
+class KVCache(nn.Module):
+    """Keys and values of one block for positions [0, max_len): one head each (multi-query)."""
+
+    def __init__(self, batch_size: int, max_len: int, dim_head: int, dtype: torch.dtype, device=None):
+        super().__init__()
+        shape = (batch_size, 1, max_len, dim_head)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
 class ParallelBlock(nn.Module):
     """Attention and feedforward computed in parallel from one normed input (GPT-J style)."""
 
@@ -110,8 +125,9 @@ class ParallelBlock(nn.Module):
         self.ff_out = nn.Sequential(
             SwiGLU(), nn.Dropout(config.ff_dropout), nn.Linear(config.ff_inner_dim, dim, bias=False)
         )
+        self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, rotary: tuple[Tensor, ...], positions: Tensor | None, attn_mask: Tensor | None) -> Tensor:
         batch, n, _ = x.shape
         x = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
@@ -123,20 +139,30 @@ class ParallelBlock(nn.Module):
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
 
-        # The reference centres the xPos exponent on the middle of the sequence.
-        cos, sin, xpos = self.rotary_emb(torch.arange(n, device=x.device), xpos_offset=n // 2)
-        q = apply_rotary(q, cos * xpos, sin * xpos)
-        k = apply_rotary(k, cos / xpos, sin / xpos)
+        cos_q, sin_q, cos_k, sin_k = rotary
+        q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
 
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            dropout_p=self.attn_dropout if self.training else 0.0,
-            is_causal=True,
-            scale=self.attn_scale,
-            enable_gqa=True,
-        )
-        out = out.transpose(1, 2).reshape(batch, n, -1)
-        return self.attn_out(out) + self.ff_out(ff)
+        is_causal = attn_mask is None
+        if positions is not None:  # decoding: store this step's keys/values, attend over the cache
+            k, v = self.kv_cache.update(positions, k, v)
+            keys = attn_mask.shape[-1] if attn_mask is not None else n
+            k, v = k[:, :, :keys], v[:, :, :keys]
+        if n == 1:
+            # One query per head against one shared key/value head: fold the heads into the query
+            # axis, so attention reads the cached keys once instead of once per head.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k, v, attn_mask=attn_mask, scale=self.attn_scale
+            )  # (b, 1, heads, d)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_dropout if self.training else 0.0,
+                is_causal=is_causal,
+                scale=self.attn_scale,
+                enable_gqa=True,
+            ).transpose(1, 2)  # (b, n, heads, d)
+        return self.attn_out(out.reshape(batch, n, -1)) + self.ff_out(ff)
 
 
 class Residual(nn.Module):
@@ -146,8 +172,8 @@ class Residual(nn.Module):
         super().__init__()
         self.fn = fn
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.fn(x)
+    def forward(self, x: Tensor, *args) -> Tensor:
+        return x + self.fn(x, *args)
 
 
 class PaLM(nn.Module):
@@ -167,11 +193,44 @@ class PaLM(nn.Module):
         """Share the input embedding with the output projection (call again after assigning weights)."""
         self.to_logits.weight = self.token_emb.weight
 
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """Logits (b, n, vocab) for `tokens` (b, n).
+
+        Without `positions`, the tokens are one causal sequence from position 0. With `positions`
+        (n,), the absolute positions of `tokens` (after `setup_caches`), their keys and values
+        are stored in the cache and they attend to cached positions [0, attn_mask.shape[-1]) as
+        the boolean `attn_mask` (b, 1, n, keys) allows; a None mask means a causal prefill from 0.
+        """
+        n = tokens.shape[1]
+        if positions is None:
+            # The reference centres the xPos exponent on the middle of the sequence; scores depend
+            # only on position differences, so decoding may use absolute positions instead.
+            rotary = self.rotary_tables(torch.arange(n, device=tokens.device), xpos_offset=n // 2)
+        else:
+            rotary = self.rotary_tables(positions, xpos_offset=0)
         x = self.token_emb(tokens)
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, rotary, positions, attn_mask)
         return self.to_logits(self.norm(x))
+
+    def rotary_tables(self, positions: Tensor, xpos_offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """cos and sin for queries and keys, the xPos scale folded in (queries scale, keys 1/scale)."""
+        # Every block holds the same tables (kept per block for the checkpoints' keys): compute once.
+        cos, sin, xpos = self.layers[0].fn.rotary_emb(positions, xpos_offset)
+        return cos * xpos, sin * xpos, cos / xpos, sin / xpos
+
+    def setup_caches(self, batch_size: int, max_len: int) -> None:
+        """Allocate each block's key/value cache for `batch_size` sequences of up to `max_len` tokens."""
+        weight = self.token_emb.weight
+        for layer in self.layers:
+            block = layer.fn
+            cache = block.kv_cache
+            if cache is None or cache.k.shape[0] != batch_size or cache.k.shape[2] < max_len or cache.k.dtype != weight.dtype:
+                block.kv_cache = KVCache(batch_size, max_len, self.config.dim_head, weight.dtype, weight.device)
+
+    def remove_caches(self) -> None:
+        for layer in self.layers:
+            layer.fn.kv_cache = None
 
     def loss(self, tokens: Tensor) -> Tensor:
         """Mean next-token cross entropy of `tokens` (b, n): predicts tokens[:, 1:] from tokens[:, :-1]."""

@@ -29,3 +29,34 @@ def reference_checkpoint(tmp_path):
     path = tmp_path / "reference.pt"
     torch.save(model.state_dict(), path)
     return path, model
+
+
+CORPUS = "".join(
+    f"{name} has {n} apples and gives {n // 2} to the fox. The quick brown fox jumps over the lazy dog.\n"
+    for n in range(2, 60)
+    for name in ("Alice", "Bob", "Carol")
+)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny():
+    return train_tiny()
+
+
+def train_tiny():
+    """A small byte-level model trained for a few seconds on a repetitive corpus: its logits are
+    peaked like a real model's, unlike a random model's."""
+    from palm import PaLM, PaLMConfig
+
+    torch.manual_seed(0)
+    data = torch.tensor(list(CORPUS.encode()))
+    model = PaLM(PaLMConfig(num_tokens=257, dim=64, depth=2, heads=4, dim_head=16, max_seq_len=512))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - 65, (16,))
+        batch = torch.stack([data[s : s + 65] for s in starts])
+        loss = model.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import palm
@@ -84,3 +85,57 @@ def test_hubconf_entry_points():
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode != 0 and "conceptofmind/palm-410m" in result.stderr
+
+
+@pytest.fixture
+def tiny_bytes_model(tmp_path, trained_tiny):
+    trained_tiny.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+def test_generate_streams_text(tiny_bytes_model, capsys):
+    args = ["generate", "Bob has 1", "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes", "--temperature", "0", "--seq_len", "60"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("Bob has 1") and " apples" in captured.out
+    assert "decode" in captured.err and "tokens/s" in captured.err
+    assert main([*args, "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.startswith("Bob has 1")
+
+
+def test_generate_from_stdin_and_samples(tiny_bytes_model, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Carol has"))
+    args = ["generate", "-", "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes", "--max_new_tokens", "20", "--seed", "3", "--num_samples", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- sample") == 2 and out.count("Carol has") == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("Carol has"))
+    assert main(args) == 0
+    assert capsys.readouterr().out == out  # same seed, same samples
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--filter_thres", "1"], "filter_thres must be in [0, 1)"),
+        (["--seq_len", "3"], "--seq_len 3 leaves no room"),
+    ],
+)
+def test_generate_bad_options(tiny_bytes_model, capsys, extra, message):
+    assert main(["generate", "Bob has", "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes", *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_generate_bad_inputs(tiny_bytes_model, reference_checkpoint, capsys):
+    path, _ = reference_checkpoint
+    assert main(["generate", "", "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes"]) == 1
+    assert "empty prompt" in capsys.readouterr().err
+    assert main(["generate", "x" * 600, "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes"]) == 1
+    assert "the prompt is 600 tokens; the model's context is 512" in capsys.readouterr().err
+    # the reference test model has 97 tokens, the byte tokenizer 257
+    assert main(["generate", "hi", "--checkpoint", str(path), "--tokenizer", "bytes"]) == 1
+    assert "has 257 tokens but the model only 97" in capsys.readouterr().err

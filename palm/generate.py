@@ -1,0 +1,187 @@
+"""Text generation: prefill the prompt once, then decode one token at a time against a KV cache."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from palm.errors import PalmError
+from palm.model import PaLM
+from palm.quantize import use_cpu_kernels
+
+Prompts = Tensor | Sequence[Sequence[int]] | Sequence[Tensor]
+
+
+def sample(
+    logits: Tensor,
+    *,
+    temperature: float = 0.8,
+    filter_thres: float | None = 0.9,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token id per row of `logits` (b, vocab).
+
+    `temperature` 0 is greedy. `filter_thres` keeps the top ceil((1 - filter_thres) * vocab) logits
+    (the seed's meaning); `top_k`, when given, sets that count instead. `top_p` then keeps the
+    smallest set of tokens whose probability reaches p (nucleus sampling).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    k = top_k if top_k is not None else (math.ceil((1 - filter_thres) * logits.shape[-1]) if filter_thres else None)
+    if k is not None and k < logits.shape[-1]:
+        kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    # argmax(p / E) with E ~ Exponential(1) draws from p (a Gumbel-max trick) without a host sync.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def check_sampling_options(temperature: float, filter_thres: float | None, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise PalmError(f"temperature must be >= 0, got {temperature}")
+    if filter_thres is not None and not 0 <= filter_thres < 1:
+        raise PalmError(f"filter_thres must be in [0, 1), got {filter_thres}")
+    if top_k is not None and top_k < 1:
+        raise PalmError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise PalmError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def left_pad(prompts: Prompts, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Prompts as one left-padded (b, n) tensor, and where each real prompt starts (b,)."""
+    if isinstance(prompts, Tensor):
+        prompts = prompts[None] if prompts.dim() == 1 else prompts
+        rows = list(prompts)
+    else:
+        rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if not rows or any(row.numel() == 0 for row in rows):
+        raise PalmError("empty prompt: give at least one token")
+    width = max(row.numel() for row in rows)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, width - row.numel():] = row
+    starts = torch.tensor([width - row.numel() for row in rows])
+    return tokens.to(device), starts.to(device)
+
+
+def attention_mask(query_positions: Tensor, keys: int, starts: Tensor) -> Tensor:
+    """(b, 1, n, keys) booleans: each query sees earlier keys of its own sequence.
+
+    Padding queries see only themselves, so no row is empty (an empty row would give NaNs that
+    spread through the cached values).
+    """
+    key_positions = torch.arange(keys, device=starts.device)
+    causal = key_positions <= query_positions[:, None]  # (n, keys)
+    real_key = key_positions >= starts[:, None, None]  # (b, 1, keys)
+    itself = key_positions == query_positions[:, None]
+    return (causal & (real_key | itself))[:, None]
+
+
+@torch.inference_mode()
+def stream(
+    model: PaLM,
+    prompt_ids: Prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    filter_thres: float | None = 0.9,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token of every sequence, (b,), as each is decoded.
+
+    `prompt_ids` is one prompt (1-D), a batch of equal-length prompts (2-D), or a list of prompts
+    of different lengths (left-padded internally). A sequence that has produced `eos_token_id`
+    yields `eos_token_id` from then on; the stream ends when all have, or after `max_new_tokens`.
+    """
+    check_sampling_options(temperature, filter_thres, top_k, top_p)
+    device = model.token_emb.weight.device
+    tokens, starts = left_pad(prompt_ids, device)
+    batch, prompt_len = tokens.shape
+    total = prompt_len + max_new_tokens
+    if total > model.config.max_seq_len:
+        raise PalmError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {model.config.max_seq_len} tokens"
+        )
+    if max_new_tokens <= 0:
+        return
+    if (tokens >= model.config.num_tokens).any() or (tokens < 0).any():
+        raise PalmError(f"prompt has token ids outside the model's vocabulary [0, {model.config.num_tokens})")
+
+    use_cpu_kernels(model)
+    model.setup_caches(batch, total)
+    options = dict(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p, generator=generator)
+
+    positions = torch.arange(prompt_len, device=device)
+    padded = bool(starts.any())
+    mask = attention_mask(positions, prompt_len, starts) if padded else None
+    logits = model(tokens, positions, mask)[:, -1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        next_token = sample(logits, **options)
+        if eos_token_id is not None:
+            next_token = next_token.masked_fill(finished, eos_token_id)
+            finished |= next_token == eos_token_id
+        yield next_token
+        if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+            return
+        position = positions.new_tensor([prompt_len + step])
+        mask = attention_mask(position, total, starts)
+        logits = model(next_token[:, None], position, mask)[:, -1]
+
+
+def generate(
+    model: PaLM,
+    prompt_ids: Prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    filter_thres: float | None = 0.9,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    pad_token_id: int | None = None,
+) -> Tensor:
+    """Prompt + continuation as a LongTensor; see `stream` for the arguments.
+
+    One 1-D prompt gives a 1-D result ending at its EOS (inclusive) if one was produced. A batch
+    gives (b, longest) rows that each start with their prompt, padded on the right after their
+    EOS with `pad_token_id` (default: `eos_token_id`, else 0).
+    """
+    steps = list(
+        stream(model, prompt_ids, max_new_tokens, temperature=temperature, filter_thres=filter_thres,
+               top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)
+    )
+    if isinstance(prompt_ids, Tensor):
+        single = prompt_ids.dim() == 1
+        prompts = [prompt_ids] if single else list(prompt_ids)
+    else:
+        single = False
+        prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompt_ids]
+    new = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(len(prompts), 0, dtype=torch.long)
+    rows = []
+    for prompt, continuation in zip(prompts, new):
+        if eos_token_id is not None and (continuation == eos_token_id).any():
+            continuation = continuation[: int((continuation == eos_token_id).nonzero()[0]) + 1]
+        rows.append(torch.cat([prompt.cpu(), continuation]))
+    if single:
+        return rows[0]
+    pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)

@@ -1,0 +1,184 @@
+import copy
+import math
+
+import pytest
+import torch
+
+import palm
+from palm import PaLM, PaLMConfig, PalmError
+from palm.generate import attention_mask, generate, sample, stream
+from palm.quantize import DecodeLinear, quantize, use_cpu_kernels
+
+from conftest import CORPUS, SMALL, reference_palm
+
+
+def reference_loaded(**kwargs):
+    ref = reference_palm(seed=3, **kwargs)
+    model = PaLM(PaLMConfig(**{**SMALL, **kwargs}))
+    model.load_state_dict(ref.state_dict())
+    return ref, model.eval()
+
+
+def incremental_logits(model, tokens, prefill):
+    """Logits of every position: prefill `prefill` tokens, then decode the rest one at a time."""
+    batch, n = tokens.shape
+    starts = torch.zeros(batch, dtype=torch.long)
+    model.setup_caches(batch, n)
+    with torch.no_grad():
+        out = [model(tokens[:, :prefill], torch.arange(prefill), None)]
+        for i in range(prefill, n):
+            position = torch.tensor([i])
+            out.append(model(tokens[:, i : i + 1], position, attention_mask(position, n, starts)))
+    model.remove_caches()
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu-kernel"])
+@pytest.mark.parametrize("qk_rmsnorm", [False, True])
+def test_incremental_decoding_equals_full_forward(kernels, qk_rmsnorm):
+    _, model = reference_loaded(qk_rmsnorm=qk_rmsnorm)
+    if kernels:
+        use_cpu_kernels(model)
+    tokens = torch.randint(0, SMALL["num_tokens"], (2, 300))
+    with torch.no_grad():
+        full = model(tokens)
+    torch.testing.assert_close(incremental_logits(model, tokens, prefill=7), full, atol=1e-4, rtol=0)
+
+
+def test_incremental_decoding_bf16():
+    _, model = reference_loaded()
+    model.to(torch.bfloat16)
+    tokens = torch.randint(0, SMALL["num_tokens"], (1, 200))
+    with torch.no_grad():
+        full = model(tokens).float()
+    incremental = incremental_logits(model, tokens, prefill=5).float()
+    assert (incremental - full).abs().max() <= 0.02 * full.abs().max()
+
+
+def test_no_overflow_in_bf16_at_16384_positions():
+    # Tokens at absolute positions 16380..16383 that may only see each other must give the same
+    # logits as the same four tokens at positions 0..3: attention depends on distances only.
+    _, model = reference_loaded()
+    model = PaLM(model.config.replace(max_seq_len=16384)).eval()
+    model.to(torch.bfloat16)
+    tokens = torch.randint(0, SMALL["num_tokens"], (1, 4))
+    model.setup_caches(1, 16384)
+    starts = torch.tensor([16380])
+    with torch.no_grad():
+        late = []
+        for i in range(4):
+            position = torch.tensor([16380 + i])
+            late.append(model(tokens[:, i : i + 1], position, attention_mask(position, 16384, starts)))
+        late = torch.cat(late, dim=1).float()
+        early = model(tokens).float()
+    assert torch.isfinite(late).all()
+    assert (late - early).abs().max() <= 0.02 * early.abs().max()
+
+
+def test_greedy_matches_the_seeds_generate():
+    ref, model = reference_loaded()
+    prompt = torch.randint(0, SMALL["num_tokens"], (1, 12))
+    torch.manual_seed(0)
+    seed_out = ref.generate(12 + 40, prompt, temperature=0.0, filter_thres=0.9)  # continuation only
+    ours = generate(model, prompt[0], 40, temperature=0)
+    assert ours[:12].tolist() == prompt[0].tolist()
+    assert ours[12:].tolist() == seed_out[0].tolist()
+
+
+def test_sampling_follows_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample(logits, temperature=1.0, filter_thres=None, generator=generator) for _ in range(20000)])
+    frequencies = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
+    torch.testing.assert_close(frequencies, logits.softmax(-1)[0], atol=0.015, rtol=0)
+
+
+def test_filters():
+    logits = torch.randn(4, 100)
+    top10 = set()
+    for row in range(4):
+        top10 |= {(row, i) for i in logits[row].topk(10).indices.tolist()}
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):  # filter_thres 0.9 keeps ceil(0.1 * 100) = 10 tokens, as in the seed
+        drawn = sample(logits, temperature=2.0, filter_thres=0.9, generator=g)
+        assert all((row, int(t)) in top10 for row, t in enumerate(drawn))
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample(logits, top_k=1, generator=g), greedy)
+    assert torch.equal(sample(logits, top_p=1e-6, filter_thres=None, generator=g), greedy)
+    # top_p keeps the smallest set reaching p: probabilities 0.5, 0.3, 0.2 with p=0.7 keep two
+    two = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    kept = {int(sample(two, temperature=1.0, filter_thres=None, top_p=0.7, generator=g)) for _ in range(300)}
+    assert kept == {0, 1}
+
+
+def test_seeded_runs_are_reproducible():
+    _, model = reference_loaded()
+    prompt = torch.tensor([1, 2, 3])
+    run = lambda seed: generate(model, prompt, 30, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(7), run(8))
+
+
+def test_batch_of_different_lengths_equals_one_at_a_time():
+    _, model = reference_loaded()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [40, 41, 42]]
+    alone = [generate(model, torch.tensor(p), 25, temperature=0) for p in prompts]
+    batch = generate(model, prompts, 25, temperature=0)
+    for row, single in zip(batch, alone):
+        assert row[: len(single)].tolist() == single.tolist()
+
+
+def test_each_sequence_stops_at_its_own_eos():
+    _, model = reference_loaded()
+    prompts = [[5, 6, 7], [30, 31]]
+    free = [generate(model, torch.tensor(p), 20, temperature=0) for p in prompts]
+    eos = int(free[0][3 + 4])  # the 5th token the first prompt produces
+    batch = generate(model, prompts, 20, temperature=0, eos_token_id=eos, pad_token_id=-1)
+    for row, p, unconstrained in zip(batch, prompts, free):
+        new = unconstrained[len(p):].tolist()
+        expected = p + (new[: new.index(eos) + 1] if eos in new else new)
+        assert row[: len(expected)].tolist() == expected
+        assert (row[len(expected):] == -1).all()
+    single = generate(model, torch.tensor(prompts[0]), 20, temperature=0, eos_token_id=eos)
+    first_eos = free[0][3:].tolist().index(eos)
+    assert single.tolist() == free[0][: 3 + first_eos + 1].tolist()
+
+
+def test_stream_yields_what_generate_returns():
+    _, model = reference_loaded()
+    prompt = torch.tensor([4, 5, 6])
+    streamed = [int(t) for t in stream(model, prompt, 15, temperature=0)]
+    assert generate(model, prompt, 15, temperature=0)[3:].tolist() == streamed
+
+
+def test_bad_arguments():
+    _, model = reference_loaded()
+    with pytest.raises(PalmError, match="temperature must be >= 0"):
+        generate(model, torch.tensor([1]), 5, temperature=-1)
+    with pytest.raises(PalmError, match=r"filter_thres must be in \[0, 1\)"):
+        generate(model, torch.tensor([1]), 5, filter_thres=1.0)
+    with pytest.raises(PalmError, match="empty prompt"):
+        generate(model, [[]], 5)
+    with pytest.raises(PalmError, match="exceeds the model's context of 8192"):
+        generate(model, torch.tensor([1]), 8192)
+    with pytest.raises(PalmError, match="outside the model's vocabulary"):
+        generate(model, torch.tensor([500]), 5)
+
+
+def test_int8_stays_close_to_fp32(trained_tiny):
+    # Per-channel int8 rounds each weight by at most max|row| / 254 (0.4% of the row's largest
+    # weight); over a dot product these errors mostly cancel, so logits move by ~1% of their
+    # magnitude. Greedy choices can only flip where the top two logits are closer than that.
+    quantized = quantize(copy.deepcopy(trained_tiny))
+    assert all(isinstance(m, DecodeLinear) and m.weight.dtype == torch.int8 for m in quantized.modules() if isinstance(m, DecodeLinear))
+    assert quantized.token_emb.weight.dtype == torch.float32
+    text = torch.tensor([list(CORPUS[2000:2300].encode())])
+    with torch.no_grad():
+        a, b = trained_tiny(text), quantized(text)
+        assert (a - b).abs().max() <= 0.03 * a.abs().max()
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.98
+        assert math.isclose(trained_tiny.loss(text), quantized.loss(text), rel_tol=0.02)
+    # and decoding (CPU kernel for single rows, dequantized matmul for the prefill) agrees with its forward
+    tokens = text[:, :60]
+    with torch.no_grad():
+        torch.testing.assert_close(incremental_logits(quantized, tokens, prefill=9), quantized(tokens), atol=1e-4, rtol=0)
