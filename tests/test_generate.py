@@ -178,7 +178,9 @@ def test_int8_stays_close_to_fp32(trained_tiny):
         assert (a - b).abs().max() <= 0.03 * a.abs().max()
         assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.98
         assert math.isclose(trained_tiny.loss(text), quantized.loss(text), rel_tol=0.02)
-    # and decoding (CPU kernel for single rows, dequantized matmul for the prefill) agrees with its forward
+    # Decoding (CPU kernel for single rows, dequantized matmul for the prefill) agrees with the
+    # full forward, up to the kernel's rounding of activations to >= 14 bits (~1e-4 relative).
     tokens = text[:, :60]
     with torch.no_grad():
-        torch.testing.assert_close(incremental_logits(quantized, tokens, prefill=9), quantized(tokens), atol=1e-4, rtol=0)
+        full = quantized(tokens)
+        assert (incremental_logits(quantized, tokens, prefill=9) - full).abs().max() <= 1e-4 * full.abs().max()

@@ -25,4 +25,8 @@ def test_gemv_matches_matmul(rows, k):
     torch.testing.assert_close(gemv(x, bf16, None), x @ bf16.float().T, atol=1e-4, rtol=1e-5)
     int8 = torch.randint(-127, 128, (37, k), dtype=torch.int8)
     scale = torch.rand(37)
-    torch.testing.assert_close(gemv(x, int8, scale), (x @ int8.float().T) * scale, atol=1e-3, rtol=1e-5)
+    # The int8 kernel rounds x to int16 with max|x| / 16383 per level: each product moves by at
+    # most half a level times |w| * scale.
+    exact = (x @ int8.float().T) * scale
+    rounding = x.abs().amax(dim=1, keepdim=True) / 16383 / 2 * (int8.abs().float().sum(dim=1) * scale)
+    assert ((gemv(x, int8, scale) - exact).abs() <= rounding + 1e-4).all()

@@ -1,8 +1,14 @@
 // Matrix-vector products for decoding on x86 CPUs with AVX2 + FMA.
 //
 // Decoding one token reads every weight once, so its speed is set by memory bandwidth. These
-// kernels stream each weight row once for up to 8 activation rows at a time, reading fp32, bf16 or
-// int8 weights and widening them to fp32 in registers (the CPU needs no bf16 or VNNI support).
+// kernels stream each weight row once for up to 8 activation rows at a time, several rows at once
+// to keep memory busy, and keep the per-weight instruction count low so that narrow weights
+// (bf16, int8) are not limited by arithmetic instead:
+//   fp32  fused multiply-add against x;
+//   bf16  a 32-bit lane holds two bf16 values: a shift and a mask turn it into two fp32 vectors
+//         (even and odd elements), matched by a copy of x split the same way;
+//   int8  widened to int16 and multiplied by x rounded to int16 (one scale per row, 14 bits or
+//         more: far finer than the weights' own rounding) with pairwise-adding integer products.
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]       x: (M, K) fp32, w: (N, K), y: (M, N) fp32
 
@@ -10,41 +16,14 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <vector>
 
 namespace {
 
-// Load 32 consecutive weights as four vectors of 8 fp32.
-inline void load32(const float* p, __m256 out[4]) {
-  for (int u = 0; u < 4; ++u) out[u] = _mm256_loadu_ps(p + 8 * u);
-}
-
-inline __m256 widen_bf16(__m128i raw) {
-  // bf16 is the top half of an fp32: widen to 32 bits and shift into place.
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline void load32(const at::BFloat16* p, __m256 out[4]) {
-  for (int half = 0; half < 2; ++half) {
-    __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * half));
-    out[2 * half] = widen_bf16(_mm256_castsi256_si128(raw));
-    out[2 * half + 1] = widen_bf16(_mm256_extracti128_si256(raw, 1));
-  }
-}
-
-inline void load32(const int8_t* p, __m256 out[4]) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  __m128i lo = _mm256_castsi256_si128(raw), hi = _mm256_extracti128_si256(raw, 1);
-  out[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
-  out[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
-  out[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
-  out[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
-}
-
-inline float to_float(float v) { return v; }
-inline float to_float(at::BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(int8_t v) { return static_cast<float>(v); }
+constexpr int64_t kStep = 32;  // weights of one row consumed per step
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -53,60 +32,156 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// M activation rows against weight rows [n_begin, n_end), 32 weights per step. With few rows,
-// U independent accumulators per row hide the FMA latency.
-template <int M, typename W>
-void rows_kernel(const float* x, const W* w, const float* scale, float* y,
-                 int64_t K, int64_t N, int64_t n_begin, int64_t n_end) {
-  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);
-  const int64_t K_vec = K / 32 * 32;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const W* row = w + n * K;
-    __m256 acc[M][U];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m)
-#pragma GCC unroll 4
-      for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K_vec; k += 32) {
-      __m256 wv[4];
-      load32(row + k, wv);
-#pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) {
-#pragma GCC unroll 8
-        for (int m = 0; m < M; ++m)
-          acc[m][u % U] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + k + 8 * u), wv[u], acc[m][u % U]);
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      for (int u = 1; u < U; ++u) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][u]);
-      float sum = hsum(acc[m][0]);
-      for (int64_t k = K_vec; k < K; ++k) sum += x[m * K + k] * to_float(row[k]);
-      y[m * N + n] = scale ? sum * scale[n] : sum;
-    }
-  }
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
 }
 
-template <typename W>
-void gemv_impl(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N) {
-  // Enough rows per task that each streams a good stretch of memory.
-  const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(K, 1));
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+struct F32 {
+  using W = float;
+  using X = float;
+  using Acc = __m256;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  template <int M>
+  static void step(const W* w, const X* x, int64_t K, Acc* acc) {
+    for (int u = 0; u < 4; ++u) {
+      __m256 wv = _mm256_loadu_ps(w + 8 * u);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + 8 * u), wv, acc[m]);
+    }
+  }
+  static float finish(Acc acc) { return hsum(acc); }
+  static float value(W v) { return v; }
+};
+
+struct BF16 {
+  using W = at::BFloat16;
+  using X = float;  // each block of 16 holds x's 8 even-indexed values, then its 8 odd-indexed ones
+  using Acc = __m256;
+  static Acc zero() { return _mm256_setzero_ps(); }
+  template <int M>
+  static void step(const W* w, const X* x, int64_t K, Acc* acc) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int h = 0; h < 2; ++h) {
+      __m256i raw = load256(w + 16 * h);
+      __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+      __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + 16 * h), even, acc[m]);
+        acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + 16 * h + 8), odd, acc[m]);
+      }
+    }
+  }
+  static float finish(Acc acc) { return hsum(acc); }
+  static float value(W v) { return static_cast<float>(v); }
+};
+
+struct I8 {
+  using W = int8_t;
+  using X = int16_t;
+  using Acc = __m256i;
+  static Acc zero() { return _mm256_setzero_si256(); }
+  template <int M>
+  static void step(const W* w, const X* x, int64_t K, Acc* acc) {
+    __m256i raw = load256(w);
+    __m256i lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+    __m256i hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(lo, load256(x + m * K)));
+      acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(hi, load256(x + m * K + 16)));
+    }
+  }
+  static float finish(Acc acc) { return static_cast<float>(hsum(acc)); }
+  static float value(W v) { return static_cast<float>(v); }
+};
+
+// Rows [n_begin, n_end) of w against M rows of x, R weight rows at a time. `xp` is x prepared
+// for T (x_scale[m] undoes any rescaling); the tail past the last full step uses plain `x`.
+template <typename T, int M, int R>
+void rows_kernel(const typename T::W* w, const typename T::X* xp, const float* x, const float* x_scale,
+                 const float* scale, float* y, int64_t K, int64_t N, int64_t n_begin, int64_t n_end) {
+  const int64_t K_vec = K / kStep * kStep;
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) {
+    typename T::Acc acc[R][M];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) acc[r][m] = T::zero();
+    for (int64_t k = 0; k < K_vec; k += kStep) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) T::template step<M>(w + (n + r) * K + k, xp + k, K, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const typename T::W* row = w + (n + r) * K;
+      for (int m = 0; m < M; ++m) {
+        float sum = T::finish(acc[r][m]) * (x_scale ? x_scale[m] : 1.0f);
+        for (int64_t k = K_vec; k < K; ++k) sum += x[m * K + k] * T::value(row[k]);
+        y[m * N + n + r] = scale ? sum * scale[n + r] : sum;
+      }
+    }
+  }
+  if (n < n_end) rows_kernel<T, M, 1>(w, xp, x, x_scale, scale, y, K, N, n, n_end);
+}
+
+template <typename T>
+void gemv_impl(const typename T::W* w, const typename T::X* xp, const float* x, const float* x_scale,
+               const float* scale, float* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t grain = std::max<int64_t>(4, (1 << 16) / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       const int64_t rows = std::min<int64_t>(8, M - m0);
-      const float* xm = x + m0 * K;
+      auto* xm = xp + m0 * K;
+      const float* x_plain = x + m0 * K;
+      const float* xs = x_scale ? x_scale + m0 : nullptr;
       float* ym = y + m0 * N;
       switch (rows) {
-        case 1: rows_kernel<1>(xm, w, scale, ym, K, N, begin, end); break;
-        case 2: rows_kernel<2>(xm, w, scale, ym, K, N, begin, end); break;
-        case 3: rows_kernel<3>(xm, w, scale, ym, K, N, begin, end); break;
-        case 4: rows_kernel<4>(xm, w, scale, ym, K, N, begin, end); break;
-        case 5: rows_kernel<5>(xm, w, scale, ym, K, N, begin, end); break;
-        case 6: rows_kernel<6>(xm, w, scale, ym, K, N, begin, end); break;
-        case 7: rows_kernel<7>(xm, w, scale, ym, K, N, begin, end); break;
-        default: rows_kernel<8>(xm, w, scale, ym, K, N, begin, end); break;
+        case 1: rows_kernel<T, 1, 4>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 2: rows_kernel<T, 2, 2>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 3: rows_kernel<T, 3, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 4: rows_kernel<T, 4, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 5: rows_kernel<T, 5, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 6: rows_kernel<T, 6, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 7: rows_kernel<T, 7, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        default: rows_kernel<T, 8, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
       }
     }
   });
+}
+
+// x with each block of 16 split into its even- then odd-indexed values (see BF16).
+std::vector<float> split_even_odd(const float* x, int64_t M, int64_t K) {
+  std::vector<float> out(x, x + M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k + 16 <= K / kStep * kStep; k += 16)
+      for (int j = 0; j < 8; ++j) {
+        out[m * K + k + j] = x[m * K + k + 2 * j];
+        out[m * K + k + 8 + j] = x[m * K + k + 2 * j + 1];
+      }
+  return out;
+}
+
+// x rounded to int16 with one scale per row, as many levels as int32 sums over K allow.
+std::vector<int16_t> round_to_int16(const float* x, int64_t M, int64_t K, std::vector<float>& x_scale) {
+  // each int32 lane adds K / 16 products of pairs, each at most 2 * 127 * levels
+  const double lane_terms = static_cast<double>(K / 16 + 1) * 2 * 127;
+  const float levels = static_cast<float>(std::min(16383.0, std::floor(2147483647.0 / lane_terms)));
+  std::vector<int16_t> out(M * K);
+  x_scale.assign(M, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    float max_abs = 0.0f;
+    for (int64_t k = 0; k < K; ++k) max_abs = std::max(max_abs, std::fabs(x[m * K + k]));
+    const float s = max_abs > 0.0f ? max_abs / levels : 1.0f;
+    x_scale[m] = s;
+    for (int64_t k = 0; k < K; ++k) out[m * K + k] = static_cast<int16_t>(std::nearbyint(x[m * K + k] / s));
+  }
+  return out;
 }
 
 }  // namespace
@@ -122,11 +197,25 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
     scale_ptr = scale->data_ptr<float>();
   }
   auto y = torch::empty({M, N}, x.options());
+  const float* xs = x.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
   switch (w.scalar_type()) {
-    case at::kFloat: gemv_impl(x.data_ptr<float>(), w.data_ptr<float>(), scale_ptr, y.data_ptr<float>(), M, K, N); break;
-    case at::kBFloat16: gemv_impl(x.data_ptr<float>(), w.data_ptr<at::BFloat16>(), scale_ptr, y.data_ptr<float>(), M, K, N); break;
-    case at::kChar: gemv_impl(x.data_ptr<float>(), w.data_ptr<int8_t>(), scale_ptr, y.data_ptr<float>(), M, K, N); break;
-    default: TORCH_CHECK(false, "gemv: weights must be float32, bfloat16 or int8");
+    case at::kFloat:
+      gemv_impl<F32>(w.data_ptr<float>(), xs, xs, nullptr, scale_ptr, ys, M, K, N);
+      break;
+    case at::kBFloat16: {
+      std::vector<float> split = split_even_odd(xs, M, K);
+      gemv_impl<BF16>(w.data_ptr<at::BFloat16>(), split.data(), xs, nullptr, scale_ptr, ys, M, K, N);
+      break;
+    }
+    case at::kChar: {
+      std::vector<float> x_scale;
+      std::vector<int16_t> rounded = round_to_int16(xs, M, K, x_scale);
+      gemv_impl<I8>(w.data_ptr<int8_t>(), rounded.data(), xs, x_scale.data(), scale_ptr, ys, M, K, N);
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "gemv: weights must be float32, bfloat16 or int8");
   }
   return y;
 }
