@@ -34,12 +34,17 @@ class DecodeLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and not needs_grad and cpu_gemv() is not None:
+        if x.device.type == "cpu" and rows <= KERNEL_MAX_ROWS and not needs_grad and kernel_available():
             y = gemv(x.reshape(rows, -1).float().contiguous(), self.weight, self.scale)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         if self.scale is not None:
             return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
         return F.linear(x, self.weight)
+
+
+@torch.compiler.assume_constant_result
+def kernel_available() -> bool:
+    return cpu_gemv() is not None
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,7 +86,7 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     state-dict keys are unaffected: calls that need gradients still use `F.linear`.
     """
     first = next(model.parameters())
-    if first.device.type != "cpu" or cpu_gemv() is None:
+    if first.device.type != "cpu" or not kernel_available():
         return model
     _replace_linears(model, lambda layer: layer if isinstance(layer, DecodeLinear) else DecodeLinear(layer.weight))
     return model
