@@ -60,15 +60,20 @@ def check_sampling_options(temperature: float, filter_thres: float | None, top_k
         raise PalmError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def left_pad(prompts: Prompts, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Prompts as one left-padded (b, n) tensor, and where each real prompt starts (b,)."""
+def prompt_rows(prompts: Prompts) -> list[Tensor]:
+    """One 1-D LongTensor per prompt."""
     if isinstance(prompts, Tensor):
-        prompts = prompts[None] if prompts.dim() == 1 else prompts
-        rows = list(prompts)
+        rows = list(prompts[None] if prompts.dim() == 1 else prompts)
     else:
         rows = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
     if not rows or any(row.numel() == 0 for row in rows):
         raise PalmError("empty prompt: give at least one token")
+    return rows
+
+
+def left_pad(prompts: Prompts, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Prompts as one left-padded (b, n) tensor, and where each real prompt starts (b,)."""
+    rows = prompt_rows(prompts)
     width = max(row.numel() for row in rows)
     tokens = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
@@ -169,12 +174,8 @@ def generate(
         stream(model, prompt_ids, max_new_tokens, temperature=temperature, filter_thres=filter_thres,
                top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator)
     )
-    if isinstance(prompt_ids, Tensor):
-        single = prompt_ids.dim() == 1
-        prompts = [prompt_ids] if single else list(prompt_ids)
-    else:
-        single = False
-        prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompt_ids]
+    prompts = prompt_rows(prompt_ids)
+    single = isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1
     new = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(len(prompts), 0, dtype=torch.long)
     rows = []
     for prompt, continuation in zip(prompts, new):
