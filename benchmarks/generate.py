@@ -59,7 +59,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(tensor.data_ptr())
         total += tensor.numel() * tensor.element_size()
-    tied = any(t is embedding for t in [getattr(model.to_logits, "weight", None)])
+    tied = model.to_logits.weight is embedding
     return total if tied else total - embedding.numel() * embedding.element_size()
 
 

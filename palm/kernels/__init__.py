@@ -28,7 +28,8 @@ def cpu_gemv() -> Callable | None:
     from torch.utils.cpp_extension import load
 
     try:
-        print("palm: building the CPU decode kernel (first use only)...", file=sys.stderr, flush=True) if not _is_built() else None
+        if not _is_built():
+            print("palm: building the CPU decode kernel (first use only)...", file=sys.stderr, flush=True)
         module = load(
             name="palm_gemv",
             sources=[str(Path(__file__).with_name("gemv.cpp"))],
