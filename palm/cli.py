@@ -162,6 +162,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_build_dataset(args: argparse.Namespace) -> None:
+    """Tokenize a corpus, add EOS to every document and pack it into fixed-length parquet blocks."""
+    from palm.dataset_builder import build_dataset
+    from palm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer, eos_token=args.eos_token)
+    metadata = build_dataset(
+        args.dataset_name, tokenizer, output=args.output, push_to=args.push_to, seq_len=args.seq_len,
+        seed=args.seed, text_column=args.text_column, split=args.split, val_docs=args.val_docs,
+        val_fraction=args.val_fraction, streaming=args.streaming, num_proc=args.num_proc,
+        encoding_errors=args.encoding_errors, overwrite=args.overwrite, progress=not args.quiet,
+    )
+    for name, split in metadata["splits"].items():
+        print(f"{name}: {split['documents']:,} documents -> {split['blocks']:,} blocks of {args.seq_len} "
+              f"({split['tokens']:,} tokens); final partial block of {split['dropped_tail_tokens']:,} tokens dropped")
+    where = [str(args.output)] if args.output else []
+    where += [f"https://huggingface.co/datasets/{args.push_to}"] if args.push_to else []
+    print(f"wrote {' and '.join(where)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm", description="Load, run, train and fine-tune PaLM models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -201,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantize", choices=["int8"], help="weight-only int8 quantization")
     gen.add_argument("--compile", action="store_true", help="torch.compile the model")
     gen.set_defaults(func=cmd_generate)
+
+    build = commands.add_parser("build-dataset", help=cmd_build_dataset.__doc__, description=cmd_build_dataset.__doc__)
+    build.add_argument("--dataset_name", required=True, help="Hub dataset name, or local .txt/.jsonl/.json/.parquet/.csv files (a file, directory or glob); a .txt file is one document")
+    build.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="Hub name, tokenizer.json, or 'bytes' (default: %(default)s)")
+    build.add_argument("--eos_token", help="end-of-text token (default: from the tokenizer's config)")
+    build.add_argument("--seq_len", type=int, default=8192, help="tokens per block (default: %(default)s)")
+    build.add_argument("--seed", type=int, help="shuffle documents before packing (default: source order)")
+    build.add_argument("--output", help="local directory to write")
+    build.add_argument("--push_to", help="Hub dataset repo to upload to, e.g. you/c4-neox-8k")
+    build.add_argument("--text_column", default="text", help="(default: %(default)s)")
+    build.add_argument("--split", default="train", help="split of a Hub dataset (default: %(default)s)")
+    build.add_argument("--val_docs", type=int, default=0, help="hold out the first N documents (after shuffling) as a validation split")
+    build.add_argument("--val_fraction", type=float, default=0.0, help="hold out this fraction of documents, drawn at random, as validation")
+    build.add_argument("--streaming", action="store_true", help="constant memory for corpora larger than RAM (--seed then shuffles through a 10k-document buffer)")
+    build.add_argument("--num_proc", type=int, help="tokenize in this many worker processes (default: in-process, multithreaded)")
+    build.add_argument("--encoding_errors", choices=["strict", "replace"], default="strict", help="undecodable bytes: fail naming the file, or replace with U+FFFD (default: %(default)s)")
+    build.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output (only once the new one is complete)")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_build_dataset)
     return parser
 
 

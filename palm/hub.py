@@ -1,27 +1,44 @@
-"""Talking to the Hugging Face Hub: downloads into huggingface_hub's cache, with one-line errors."""
+"""Talking to the Hugging Face Hub: downloads into huggingface_hub's cache, uploads, one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from palm.errors import PalmError
 
 
-def hub_download(repo_id: str, filename: str) -> Path:
-    """Download one file of a Hub repo into the huggingface_hub cache (or find it there)."""
-    from huggingface_hub import hf_hub_download
+@contextlib.contextmanager
+def _hub_errors(action: str, hint: str = ""):
     from huggingface_hub.utils import logging as hub_logging
 
     # huggingface_hub logs every retry on stderr; the user gets our one-line error instead.
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()
     try:
-        return Path(hf_hub_download(repo_id, filename))
+        yield
     except Exception as e:  # network, auth, missing repo or file: all end the same way for the user
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PalmError(
-            f"could not get {filename} from the Hugging Face Hub repo {repo_id} ({reason}); "
-            f"if this machine is offline, download the file elsewhere and pass its local path instead"
-        ) from None
+        raise PalmError(f"could not {action} ({reason}){hint}") from None
     finally:
         hub_logging.set_verbosity(verbosity)
+
+
+def hub_download(repo_id: str, filename: str) -> Path:
+    """Download one file of a Hub repo into the huggingface_hub cache (or find it there)."""
+    from huggingface_hub import hf_hub_download
+
+    hint = "; if this machine is offline, download the file elsewhere and pass its local path instead"
+    with _hub_errors(f"get {filename} from the Hugging Face Hub repo {repo_id}", hint):
+        return Path(hf_hub_download(repo_id, filename))
+
+
+def upload_folder(folder: Path, repo_id: str, repo_type: str = "model") -> None:
+    """Create `repo_id` on the Hub if needed (private=False) and upload `folder` to it as one commit."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors(f"upload to the Hugging Face Hub repo {repo_id}", "; log in with `hf auth login`"):
+        api = HfApi()
+        api.create_repo(repo_id, repo_type=repo_type, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
+                          commit_message="palm build-dataset")

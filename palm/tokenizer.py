@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from palm.errors import PalmError
 from palm.hub import hub_download
 
@@ -26,6 +28,14 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
 
+    def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of each text followed by EOS, concatenated, and each document's length (EOS included)."""
+        encoded = [t.encode("utf-8") for t in texts]
+        tokens = np.frombuffer(b"\0".join(encoded) + b"\0", dtype=np.uint8).astype(np.int32)
+        lengths = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
+        tokens[np.cumsum(lengths) - 1] = self.eos_id
+        return tokens, lengths
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -44,6 +54,27 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_documents(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of each text followed by EOS, concatenated, and each document's length (EOS included)."""
+        if self.eos_id is None:
+            raise PalmError(f"tokenizer {self.name} has no end-of-text token; name one with --eos_token")
+        ids = [e.ids for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        lengths = np.fromiter((len(i) + 1 for i in ids), dtype=np.int64, count=len(ids))
+        tokens = np.empty(int(lengths.sum()), dtype=np.int32)
+        ends = np.cumsum(lengths)
+        for document, end in zip(ids, ends):
+            tokens[end - len(document) - 1 : end - 1] = document
+        tokens[ends - 1] = self.eos_id
+        return tokens, lengths
+
+    def __getstate__(self):  # picklable, for worker processes
+        return {"json": self._tokenizer.to_str(), "name": self.name, "eos_id": self.eos_id}
+
+    def __setstate__(self, state):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self.__init__(RustTokenizer.from_str(state["json"]), state["name"], state["eos_id"])
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)

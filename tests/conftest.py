@@ -1,7 +1,10 @@
 import os
+import tempfile
 
 # Tests never talk to the Hugging Face Hub: set before huggingface_hub is imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# datasets' Arrow cache of local parquet files goes to a scratch directory, not ~/.cache.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="palm-tests-datasets-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -29,6 +32,23 @@ def reference_checkpoint(tmp_path):
     path = tmp_path / "reference.pt"
     torch.save(model.state_dict(), path)
     return path, model
+
+
+def train_bpe(texts, directory, vocab_size: int = 300):
+    """Train a small byte-level BPE with <|endoftext|> (id 0) like GPT-NeoX's; returns its tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    path = directory / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
 
 
 CORPUS = "".join(

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from conftest import train_bpe
 from palm import PalmError, load_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 日本語\n"
@@ -9,19 +10,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 日本語\n
 
 @pytest.fixture(scope="module")
 def bpe_file(tmp_path_factory):
-    """A small BPE tokenizer.json trained here, with <|endoftext|> like GPT-NeoX's."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator([TEXT * 20, "hello world " * 50], trainer=trainer)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return train_bpe([TEXT * 20, "hello world " * 50], tmp_path_factory.mktemp("tok"))
 
 
 def test_bytes_round_trip():

@@ -1,0 +1,256 @@
+"""Training data: windows of packed token blocks, shuffled per epoch, split across ranks, resumable.
+
+Sources: a `palm build-dataset` directory, a Hub dataset of packed blocks (column `input_ids`,
+like the seed's `conceptofmind/c4_0-to-20_neox_with_eos_8k`; streamed with `streaming=True`), or
+raw text files tokenized and packed in memory for small experiments.
+
+A training sample is a *window*: each stored block is cut into `len(block) // seq_len`
+consecutive, non-overlapping windows of `seq_len` tokens. The model reads the window and is scored
+on its `seq_len - 1` next-token predictions, as in the seed's training on 8192-token blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from palm.dataset_builder import METADATA_NAME, Packer, local_files, read_documents, token_dtype
+from palm.errors import PalmError
+
+
+@dataclass
+class TokenData:
+    """Packed blocks of one split, and what is known of their tokenizer."""
+
+    blocks: object  # np.ndarray (n, block_len), a numpy-formatted datasets.Dataset, or a datasets.IterableDataset
+    block_len: int
+    vocab_size: int | None
+    source: str
+
+    @property
+    def streaming(self) -> bool:
+        return not hasattr(self.blocks, "__len__")
+
+
+def open_data(
+    source: str | list[Path], split: str = "train", *, tokenizer=None, seq_len: int | None = None,
+    streaming: bool = False, encoding_errors: str = "strict",
+) -> TokenData:
+    """Open training data: a build-dataset directory, raw text files (a path, glob or list of
+    paths, tokenized with `tokenizer` into blocks of `seq_len`), or a Hub dataset name."""
+    if isinstance(source, str) and (Path(source) / METADATA_NAME).is_file():
+        return _open_built(Path(source), split)
+    files = source if isinstance(source, list) else local_files(source)
+    if files is not None:
+        if tokenizer is None or seq_len is None:
+            raise PalmError(f"{source}: raw text needs a tokenizer and a seq_len")
+        return _pack_in_memory(files, tokenizer, seq_len, encoding_errors)
+    return _open_hub(source, split, streaming, tokenizer)
+
+
+def _open_built(directory: Path, split: str) -> TokenData:
+    metadata = json.loads((directory / METADATA_NAME).read_text())
+    if split not in metadata["splits"]:
+        raise PalmError(f"{directory} has no {split!r} split (it has {', '.join(metadata['splits'])})")
+    import datasets
+
+    files = [str(directory / f) for f in metadata["splits"][split]["files"]]
+    blocks = datasets.load_dataset("parquet", data_files=files, split="train").with_format("numpy")
+    return TokenData(blocks, metadata["seq_len"], metadata["vocab_size"], str(directory))
+
+
+def _pack_in_memory(files: list[Path], tokenizer, seq_len: int, encoding_errors: str) -> TokenData:
+    packer = Packer(seq_len, token_dtype(tokenizer.vocab_size))
+    rows = [packer.add(tokenizer.encode_documents(texts)[0]) for texts in read_documents(files, "text", encoding_errors)]
+    blocks = np.concatenate(rows) if rows else np.empty((0, seq_len), dtype=packer.carry.dtype)
+    if len(blocks) == 0:
+        raise PalmError(f"{files[0] if len(files) == 1 else f'{len(files)} files'}: fewer tokens than one window of {seq_len}")
+    return TokenData(blocks, seq_len, tokenizer.vocab_size, f"{len(files)} text files")
+
+
+def _open_hub(name: str, split: str, streaming: bool, tokenizer) -> TokenData:
+    import datasets
+
+    try:
+        blocks = datasets.load_dataset(name, split=split, streaming=streaming)
+    except Exception as e:  # datasets raises many types for missing/unreachable repos
+        raise PalmError(f"dataset {name!r} (split {split!r}): {str(e).splitlines()[0]}") from None
+    columns = list(blocks.features or {})
+    if "input_ids" not in columns:
+        raise PalmError(f"dataset {name!r} has no input_ids column (it has {', '.join(columns)}); "
+                        f"pack raw text with `palm build-dataset` first")
+    blocks = blocks.select_columns(["input_ids"])
+    first = next(iter(blocks))["input_ids"]
+    if not streaming:
+        blocks = blocks.with_format("numpy")
+    return TokenData(blocks, len(first), tokenizer.vocab_size if tokenizer else None, name)
+
+
+class Windows:
+    """Random access to the `seq_len` windows of in-memory or memory-mapped blocks."""
+
+    def __init__(self, data: TokenData, seq_len: int):
+        if data.block_len < seq_len:
+            raise PalmError(f"{data.source}: blocks of {data.block_len} tokens are shorter than --seq_len {seq_len}")
+        self.blocks, self.seq_len = data.blocks, seq_len
+        self.per_block = data.block_len // seq_len
+        self.num_blocks = len(data.blocks)
+
+    def __len__(self) -> int:
+        return self.num_blocks * self.per_block
+
+    def __getitem__(self, indices: np.ndarray) -> torch.Tensor:
+        block_ids, window_ids = np.divmod(np.asarray(indices), self.per_block)
+        unique, inverse = np.unique(block_ids, return_inverse=True)
+        rows = self.blocks[unique]
+        rows = rows["input_ids"] if isinstance(rows, dict) else rows
+        rows = np.asarray(rows)[inverse]
+        starts = window_ids * self.seq_len
+        windows = rows[np.arange(len(rows))[:, None], starts[:, None] + np.arange(self.seq_len)]
+        return torch.from_numpy(windows.astype(np.int64))
+
+
+class BatchLoader:
+    """Endless batches of windows. Each epoch visits the windows in an order drawn from
+    (seed, epoch); global batch t is positions [t*B*W, (t+1)*B*W) of that order (B = batch_size,
+    W = world_size) and rank r takes every W-th of them from r, so ranks are disjoint and together
+    see exactly what one process with batch B*W sees. The windows left over at the end of an
+    epoch (fewer than B*W) are skipped that epoch. `state_dict()` is the exact position."""
+
+    def __init__(self, windows: Windows, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        self.windows, self.batch_size, self.seed, self.shuffle = windows, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.batches_per_epoch = len(windows) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise PalmError(
+                f"the data has {len(windows)} windows of {windows.seq_len} tokens, fewer than one global batch "
+                f"of {batch_size * world_size} (batch_size x processes); use more data or a smaller batch"
+            )
+        self.epoch, self.batch = 0, 0
+        self._order_epoch, self._order = None, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            n = len(self.windows)
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order_epoch = epoch
+        return self._order
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        global_batch = self.batch_size * self.world_size
+        start = self.batch * global_batch
+        indices = self.order(self.epoch)[start : start + global_batch][self.rank :: self.world_size]
+        self.batch += 1
+        return self.windows[indices]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "num_windows": len(self.windows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "batch_size", "num_windows"):
+            if state[key] != self.state_dict()[key]:
+                raise PalmError(f"cannot resume the data position: {key} was {state[key]}, now {self.state_dict()[key]}")
+        self.epoch, self.batch = state["epoch"], state["batch"]
+
+
+class StreamingLoader:
+    """Batches of windows from a streamed dataset, read in stored order (the build shuffles
+    documents); rank r of W reads its own part through `datasets.distributed.split_dataset_by_node`.
+    Resumes exactly from `state_dict()` (the stream's own position plus the windows in hand)."""
+
+    def __init__(self, data: TokenData, seq_len: int, batch_size: int, *, rank: int = 0, world_size: int = 1):
+        from datasets.distributed import split_dataset_by_node
+
+        if data.block_len < seq_len:
+            raise PalmError(f"{data.source}: blocks of {data.block_len} tokens are shorter than --seq_len {seq_len}")
+        self.stream = split_dataset_by_node(data.blocks, rank=rank, world_size=world_size)
+        self.seq_len, self.batch_size, self.world_size = seq_len, batch_size, world_size
+        self.epoch = 0
+        self.pending: list[np.ndarray] = []
+        self._iterator = None
+
+    def _next_block(self) -> np.ndarray:
+        for attempt in range(2):
+            if self._iterator is None:
+                self.stream.set_epoch(self.epoch)
+                self._iterator = iter(self.stream)
+            try:
+                return np.asarray(next(self._iterator)["input_ids"])
+            except StopIteration:
+                self._iterator = None
+                self.epoch += 1
+        raise PalmError("the streamed dataset has no blocks for this process")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        while len(self.pending) < self.batch_size:
+            block = self._next_block()
+            per_block = len(block) // self.seq_len
+            self.pending.extend(block[: per_block * self.seq_len].reshape(per_block, self.seq_len))
+        batch, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
+        return torch.from_numpy(np.stack(batch).astype(np.int64))
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "stream": self.stream.state_dict(), "world_size": self.world_size,
+                "pending": [w.tolist() for w in self.pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            raise PalmError(f"cannot resume the data position: world_size was {state['world_size']}, now {self.world_size}")
+        self.epoch = state["epoch"]
+        self.stream.set_epoch(self.epoch)
+        self.stream.load_state_dict(state["stream"])
+        self._iterator = None
+        self.pending = [np.asarray(w) for w in state["pending"]]
+
+
+def make_loader(data: TokenData, seq_len: int, batch_size: int, *, seed: int = 0, rank: int = 0,
+                world_size: int = 1) -> BatchLoader | StreamingLoader:
+    """The training loader for `data`: shuffled per epoch when it allows random access, else streamed."""
+    if data.streaming:
+        return StreamingLoader(data, seq_len, batch_size, rank=rank, world_size=world_size)
+    return BatchLoader(Windows(data, seq_len), batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+def eval_batches(data: TokenData, seq_len: int, batch_size: int, max_windows: int | None = None, *,
+                 rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+    """The first `max_windows` windows (all if None) in order, rank r taking every W-th from r."""
+    if data.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(data.blocks, rank=rank, world_size=world_size)
+        limit = None if max_windows is None else -(-max_windows // world_size)
+        batch, seen = [], 0
+        for row in stream:
+            block = np.asarray(row["input_ids"])
+            for window in block[: len(block) // seq_len * seq_len].reshape(-1, seq_len):
+                if limit is not None and seen == limit:
+                    break
+                batch.append(window)
+                seen += 1
+                if len(batch) == batch_size:
+                    yield torch.from_numpy(np.stack(batch).astype(np.int64))
+                    batch = []
+            if limit is not None and seen == limit:
+                break
+        if batch:
+            yield torch.from_numpy(np.stack(batch).astype(np.int64))
+        return
+    windows = Windows(data, seq_len)
+    indices = np.arange(len(windows) if max_windows is None else min(max_windows, len(windows)))[rank::world_size]
+    for start in range(0, len(indices), batch_size):
+        yield windows[indices[start : start + batch_size]]
