@@ -248,14 +248,19 @@ def _materialize_derived_buffers(model: PaLM, config: PaLMConfig) -> None:
 
 def save_pretrained(model: PaLM, directory: str | os.PathLike) -> None:
     """Write `config.json` and `model.safetensors` into `directory`, replacing any earlier ones."""
+    save_state_dict(model.state_dict(), model.config, directory)
+
+
+def save_state_dict(state: dict[str, Tensor], config: PaLMConfig, directory: str | os.PathLike) -> None:
+    """`save_pretrained` for a full state dict, e.g. one gathered from a sharded (FSDP) model."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors stores no aliases, so the tied output projection is left out (it is re-tied on load)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "to_logits.weight"}
+    state = {k: v.detach().contiguous() for k, v in strip_wrapper_prefixes(state).items() if k != "to_logits.weight"}
     _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(model.config.to_json()))
+    _write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json()))
 
 
 def save_reference_checkpoint(model: PaLM, path: str | os.PathLike) -> None:

@@ -182,6 +182,47 @@ def cmd_build_dataset(args: argparse.Namespace) -> None:
     print(f"wrote {' and '.join(where)}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train (or fine-tune) a PaLM model; with no options, the tiny preset on Python's own source."""
+    from palm.train import TrainConfig, train
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "quiet")}
+    train(TrainConfig.from_sources(args.config, overrides), progress=not args.quiet)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field; unset flags stay None so the YAML file's values win."""
+    import dataclasses
+
+    from palm.train import TrainConfig
+
+    helps = {
+        "preset": "model preset to train from scratch (default: tiny)",
+        "init_from": "start from these weights (anything palm.load takes) for continued pretraining or fine-tuning",
+        "data": "build-dataset directory, Hub dataset of packed input_ids, or raw text files (default: Python's stdlib source)",
+        "val_data": "validation data (default: the data's validation split, if any)",
+        "tokenizer": "Hub name, tokenizer.json, or 'bytes' (default: bytes)",
+        "out_dir": "run directory (default: runs/<preset>-<date>-<time>)",
+        "resume": "a checkpoint directory, or 'auto' for the newest in --out_dir",
+        "trackers": "comma-separated: tensorboard, wandb",
+        "precision": "fp32, bf16 (autocast) or fp16 (with a grad scaler; GPU only)",
+        "schedule": "cosine, linear or constant after warmup",
+        "optimizer": "adamw, stable_adamw or lion",
+        "grad_clip": "clip the gradient norm to this (0: no clipping)",
+        "max_tokens": "train for this many tokens instead of --max_steps",
+        "peak_tflops": "device peak for MFU (default: data sheet for known GPUs, measured on CPU)",
+    }
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        help_text = helps.get(f.name, f"(default: {default})")
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        else:  # field types are strings such as "int | None" (postponed annotations)
+            kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
+            parser.add_argument(f"--{f.name}", type=kind, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm", description="Load, run, train and fine-tune PaLM models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -240,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--overwrite", action="store_true", help="replace a dataset already at --output (only once the new one is complete)")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_build_dataset)
+
+    train = commands.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    train.add_argument("--config", help="YAML file of options; command-line flags override it")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

@@ -59,7 +59,7 @@ def read_documents(
 ) -> Iterator[list[str]]:
     """Documents from local files in order, in lists of up to DOCS_PER_BATCH.
 
-    A `.txt` file is one document; `.jsonl`/`.json`/`.csv`/`.parquet` rows are documents, read
+    A `.txt` file (or any file of another type) is one document; `.jsonl`/`.json`/`.csv`/`.parquet` rows are documents, read
     from `text_column`. Files are streamed, so memory does not grow with the corpus.
     """
     batch: list[str] = []
@@ -77,9 +77,7 @@ def read_documents(
 def _documents_in(path: Path, text_column: str, errors: str) -> Iterator[str]:
     suffix = path.suffix
     try:
-        if suffix == ".txt":
-            yield path.read_bytes().decode("utf-8", errors=errors)
-        elif suffix == ".parquet":
+        if suffix == ".parquet":
             import pyarrow.parquet as pq
 
             parquet = pq.ParquetFile(path)
@@ -93,8 +91,8 @@ def _documents_in(path: Path, text_column: str, errors: str) -> Iterator[str]:
                 reader = csv.DictReader(f)
                 _check_column(path, text_column, reader.fieldnames or [])
                 yield from (row[text_column] for row in reader if row[text_column])
-        else:
-            raise PalmError(f"{path}: unsupported file type (use {', '.join(TEXT_SUFFIXES)})")
+        else:  # .txt, or any other file named explicitly (source code, ...): one document
+            yield path.read_bytes().decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise PalmError(
             f"{path}: not valid UTF-8 at byte {e.start}; pass --encoding_errors replace to substitute U+FFFD"

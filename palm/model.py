@@ -234,12 +234,7 @@ class PaLM(nn.Module):
 
     def loss(self, tokens: Tensor) -> Tensor:
         """Mean next-token cross entropy of `tokens` (b, n): predicts tokens[:, 1:] from tokens[:, :-1]."""
-        logits = self(tokens[:, :-1])
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            tokens[:, 1:].flatten(),
-            ignore_index=self.config.loss_ignore_index,
-        )
+        return next_token_loss(self, tokens, self.config.loss_ignore_index)
 
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied embedding counted once)."""
@@ -250,3 +245,10 @@ class PaLM(nn.Module):
         from palm.checkpoint import save_pretrained
 
         save_pretrained(self, directory)
+
+
+def next_token_loss(model: nn.Module, tokens: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross entropy of `model` (PaLM, or a wrapper around one such as DDP) predicting
+    tokens[:, 1:] from tokens[:, :-1]."""
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten(), ignore_index=ignore_index)

@@ -1,0 +1,291 @@
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CORPUS
+from palm import PaLM, PaLMConfig, PalmError, load
+from palm.cli import main
+from palm.optim import StableAdamW, learning_rate, parameter_groups
+from palm.train import TrainConfig, complete_checkpoints, train
+
+SMALL_BYTES = PaLMConfig(num_tokens=257, dim=64, depth=2, heads=4, dim_head=16, max_seq_len=128)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; forget the process-wide state between tests."""
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small random byte-level model and a text corpus of 20 files."""
+    root = tmp_path_factory.mktemp("train")
+    torch.manual_seed(0)
+    PaLM(SMALL_BYTES).save_pretrained(root / "init")
+    lines = CORPUS.splitlines(keepends=True)
+    (root / "corpus").mkdir()
+    for i in range(20):
+        (root / "corpus" / f"part{i:02d}.txt").write_text("".join(lines[i::20]))
+    (root / "val.txt").write_text("".join(lines[::-1][:40]))
+    return root
+
+
+def options(setup, out_dir, **overrides):
+    values = dict(init_from=str(setup / "init"), data=str(setup / "corpus"), val_data=str(setup / "val.txt"),
+                  tokenizer="bytes", out_dir=str(out_dir),
+                  max_steps=12, batch_size=4, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_steps=2, save_every=4,
+                  eval_every=6, log_every=4, samples=0, peak_tflops=1.0)
+    values.update(overrides)
+    return values
+
+
+def run(setup, out_dir, **overrides) -> Path:
+    return train(TrainConfig(**options(setup, out_dir, **overrides)), progress=False)
+
+
+def records(out_dir: Path, key: str = "loss") -> dict[int, dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if key in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup):
+    out = setup / "uninterrupted"
+    run(setup, out)
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    return out
+
+
+# --- optimization --------------------------------------------------------------------------------
+
+
+def test_every_parameter_in_exactly_one_group_with_decay_on_matrices_only():
+    model = PaLM(SMALL_BYTES)
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    not_decayed = sorted(names[id(p)] for p in no_decay["params"])
+    linear_weights = sorted(f"{n}.weight" for n, m in model.named_modules()
+                            if isinstance(m, torch.nn.Linear) and n != "to_logits")  # to_logits is the tied embedding
+    assert decayed == linear_weights
+    assert "token_emb.weight" in not_decayed and all(n.endswith(("gamma", "token_emb.weight")) or "scale" in n
+                                                     for n in not_decayed)
+    assert sorted(decayed + not_decayed) == sorted(names.values())  # all of them, none twice
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+
+
+def test_learning_rate_schedules():
+    kw = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert learning_rate(0, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert learning_rate(9, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert learning_rate(60, schedule="cosine", **kw) == pytest.approx(0.55)  # halfway down the cosine
+    assert learning_rate(110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert learning_rate(35, schedule="linear", **kw) == pytest.approx(1.0 - 0.9 * 0.25)
+    assert learning_rate(80, schedule="constant", **kw) == 1.0
+
+
+def test_stable_adamw_is_adamw_until_a_gradient_spike():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(5, 5))
+    b = torch.nn.Parameter(a.detach().clone())
+    ours = StableAdamW([a], lr=0.01, weight_decay=0.1)
+    adamw = torch.optim.AdamW([b], lr=0.01, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.randn(5, 5) * 0.1
+    grads = [g, g, torch.full((5, 5), 1e3)]  # a repeated gradient keeps g^2 / v_hat at exactly 1
+    for i, g in enumerate(grads):
+        before = a.detach().clone()
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        adamw.step()
+        if i < 2:  # RMS(g^2 / v_hat) <= 1 in the first steps: identical to AdamW
+            assert torch.allclose(a, b, atol=1e-6)
+        else:  # the spike: v_hat is small against g^2, so the update is scaled down by that RMS
+            v_hat = ours.state[a]["exp_avg_sq"] / (1 - 0.95**3)
+            rms = (g.square() / v_hat).mean().sqrt().item()
+            assert rms > 1
+            assert torch.allclose(a.detach() - before, (b.detach() - before) / rms, atol=1e-6)
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "stable_adamw", "lion"])
+def test_loss_decreases(setup, tmp_path, optimizer):
+    lr = 2e-3 if optimizer == "lion" else 3e-3  # Lion takes sign steps: a smaller rate
+    run(setup, tmp_path, optimizer=optimizer, max_steps=30, lr=lr, min_lr=lr / 10, save_every=100, eval_every=10)
+    losses = [r["loss"] for r in records(tmp_path).values()]
+    val = [r["val_loss"] for r in records(tmp_path, "val_loss").values()]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert val[-1] < val[0]
+
+
+def test_run_directory(setup, uninterrupted):
+    out = uninterrupted
+    steps = records(out)
+    assert sorted(steps) == list(range(1, 13))
+    assert set(steps[1]) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec"}
+    assert steps[12]["tokens"] == 12 * 4 * 64
+    evals = records(out, "val_loss")
+    assert sorted(evals) == [6, 12] and evals[12]["val_ppl"] == pytest.approx(math.exp(evals[12]["val_loss"]))
+    assert [p.name for p in complete_checkpoints(out)] == ["step-000004", "step-000008"]  # none at 0 or 12
+    assert (out / "loss.png").stat().st_size > 1000
+    assert "batch_size: 4" in (out / "config.yaml").read_text()
+    # the final model loads for generation, and is the trained one
+    model = load(str(out / "model"))
+    assert not torch.equal(model.token_emb.weight, load(str(setup / "init")).token_emb.weight)
+    batch = torch.tensor([list(CORPUS[:65].encode())])
+    assert model.loss(batch).item() < 0.9 * load(str(setup / "init")).loss(batch).item()
+    assert main(["generate", "Alice", "--checkpoint", str(out / "model"), "--tokenizer", "bytes",
+                 "--max_new_tokens", "8", "--device", "cpu"]) == 0
+
+
+def test_resume_reproduces_the_uninterrupted_run(setup, uninterrupted, tmp_path, monkeypatch):
+    import palm.train
+
+    saves = []
+    real_save = palm.train.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):  # the run is interrupted right after its second checkpoint
+        saves.append(real_save(*args, **kwargs))
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(palm.train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path)
+    monkeypatch.undo()
+    assert max(records(tmp_path)) == 8
+    with pytest.raises(PalmError, match="already holds checkpoints; pass --resume auto"):
+        run(setup, tmp_path)
+    run(setup, tmp_path, resume="auto")
+    expected, got = records(uninterrupted), records(tmp_path)
+    assert sorted(got) == list(range(1, 13))  # resumed steps replaced, not duplicated
+    for step in range(1, 13):
+        assert got[step]["loss"] == pytest.approx(expected[step]["loss"], abs=1e-6)
+    a, b = load(str(uninterrupted / "model")), load(str(tmp_path / "model"))
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys
+import palm.checkpoint
+from palm.train import TrainConfig, train
+
+real, calls = palm.checkpoint.save_state_dict, []
+def save(state, config, directory):
+    calls.append(directory)
+    if len(calls) == 2:  # second checkpoint: accelerate's files are written, ours not yet
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(state, config, directory)
+palm.checkpoint.save_state_dict = save
+train(TrainConfig(**{options}), progress=False)
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(setup, uninterrupted, tmp_path):
+    script = KILL_DURING_SAVE.replace("{options}", repr(options(setup, tmp_path)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == -9, result.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000004"]
+    assert (tmp_path / "checkpoints" / "step-000008.tmp").is_dir()  # the interrupted save, ignored
+    assert load(str(tmp_path / "checkpoints" / "step-000004" / "model")).num_parameters() > 0
+    run(setup, tmp_path, resume="auto")
+    expected, got = records(uninterrupted), records(tmp_path)
+    assert all(got[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-6) for s in range(1, 13))
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(setup, tmp_path, monkeypatch, capsys):
+    import palm.model
+
+    calls = 0
+    real = palm.model.next_token_loss
+
+    def loss(model, tokens, ignore_index=-100):
+        nonlocal calls
+        calls += 1
+        value = real(model, tokens, ignore_index)
+        return value * float("nan") if calls in (3,) or calls > 6 else value
+
+    monkeypatch.setattr(palm.model, "next_token_loss", loss)
+    with pytest.raises(PalmError, match=r"not finite 5 steps in a row; last good checkpoint: .*step-000004"):
+        run(setup, tmp_path, eval_every=100)
+    out = capsys.readouterr().out
+    assert "step 3: loss is nan; skipped this step" in out
+    assert max(records(tmp_path)) == 5  # 6 loss calls, one skipped
+    assert load(str(tmp_path / "checkpoints" / "step-000004" / "model")).num_parameters() > 0
+
+
+def test_bad_settings_are_one_clear_error(setup, tmp_path, capsys):
+    small_vocab = tmp_path / "small"
+    PaLM(PaLMConfig(num_tokens=97, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)).save_pretrained(small_vocab)
+    with pytest.raises(PalmError, match="tokenizer bytes has 257 tokens but the model only 97"):
+        run(setup, tmp_path / "a", init_from=str(small_vocab))
+    with pytest.raises(PalmError, match="--seq_len 256 exceeds the model's max_seq_len 128"):
+        run(setup, tmp_path / "b", seq_len=256)
+    with pytest.raises(PalmError, match="fewer than one global batch of 4096"):
+        run(setup, tmp_path / "c", batch_size=4096)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PalmError, match="is not a writable directory"):
+        run(setup, tmp_path / "file" / "run")
+    for argv in (["--optimizer", "sgd"], ["--max_steps", "0", "--max_tokens", "5"], ["--config", str(tmp_path / "no.yaml")]):
+        assert main(["train", *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("palm train: error:"), err
+
+
+def test_yaml_config_with_command_line_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("batch_size: 7\nlr: 0.01\ntrackers: [tensorboard]\nmax_tokens: 1000\n")
+    config = TrainConfig.from_sources(str(tmp_path / "run.yaml"), {"lr": 0.02, "seq_len": None})
+    assert (config.batch_size, config.lr, config.trackers, config.max_tokens, config.max_steps) == (7, 0.02, ["tensorboard"], 1000, None)
+    (tmp_path / "bad.yaml").write_text("batch_sise: 7\n")
+    with pytest.raises(PalmError, match="unknown training option.*batch_sise"):
+        TrainConfig.from_sources(str(tmp_path / "bad.yaml"), {})
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_equal_one_process(setup, tmp_path):
+    """gloo on CPU: 2 processes x batch 2 take the same steps as 1 process x batch 4."""
+    def command(out, batch):
+        flags = options(setup, out, batch_size=batch, max_steps=6, save_every=3, eval_every=3)
+        return [f"--{k}={v}" for k, v in flags.items()]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    one = subprocess.run([sys.executable, "-m", "palm", "train", "--quiet", *command(tmp_path / "one", 4)],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                          "-m", "palm", "train", "--quiet", *command(tmp_path / "two", 2)],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es) x 2 x 1 windows" in two.stdout
+    a, b = records(tmp_path / "one"), records(tmp_path / "two")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-5)
+        assert b[step]["tokens"] == a[step]["tokens"]
+    va, vb = records(tmp_path / "one", "val_loss"), records(tmp_path / "two", "val_loss")
+    assert all(vb[s]["val_loss"] == pytest.approx(va[s]["val_loss"], abs=1e-5) for s in va)
+    x, y = load(str(tmp_path / "one" / "model")), load(str(tmp_path / "two" / "model"))
+    assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
+    assert (tmp_path / "two" / "checkpoints" / "step-000003" / "data_rank1.json").is_file()
