@@ -320,6 +320,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         raise PalmError("--precision fp16 needs a GPU; use bf16 on CPU")
     # accelerate warns on every save that it stored the tied output projection once; palm re-ties it.
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    _forget_previous_run()
     # cpu=True where there is no accelerator, so that torchrun's processes join one gloo group
     cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed, log_with=config.trackers or None, project_dir=str(out_dir))
@@ -517,6 +518,15 @@ def _checkpoint_blocks(model) -> None:
     from palm.model import Residual
 
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Residual))
+
+
+def _forget_previous_run() -> None:
+    """accelerate keeps its settings process-wide; a second `train()` in one (non-distributed)
+    process, say fp32 then bf16, must not inherit the first one's."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _maybe_no_sync(accelerator, model, sync: bool):

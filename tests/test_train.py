@@ -19,16 +19,6 @@ SMALL_BYTES = PaLMConfig(num_tokens=257, dim=64, depth=2, heads=4, dim_head=16, 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; forget the process-wide state between tests."""
-    yield
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A small random byte-level model and a text corpus of 20 files."""
@@ -65,10 +55,6 @@ def records(out_dir: Path, key: str = "loss") -> dict[int, dict]:
 def uninterrupted(setup):
     out = setup / "uninterrupted"
     run(setup, out)
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
     return out
 
 
@@ -289,3 +275,44 @@ def test_ddp_two_processes_equal_one_process(setup, tmp_path):
     x, y = load(str(tmp_path / "one" / "model")), load(str(tmp_path / "two" / "model"))
     assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
     assert (tmp_path / "two" / "checkpoints" / "step-000003" / "data_rank1.json").is_file()
+
+
+def test_activation_checkpointing_and_bf16(setup, uninterrupted, tmp_path):
+    run(setup, tmp_path / "ckpt", activation_checkpointing=True)
+    expected, got = records(uninterrupted), records(tmp_path / "ckpt")
+    assert all(got[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-5) for s in expected)
+
+    run(setup, tmp_path / "bf16", precision="bf16", max_steps=None, max_tokens=3072, save_every=100, eval_every=100)
+    bf16 = records(tmp_path / "bf16")
+    assert sorted(bf16) == list(range(1, 13))  # 3072 tokens / 256 per step
+    assert all(bf16[s]["loss"] == pytest.approx(expected[s]["loss"], rel=0.02) for s in expected)
+
+
+def test_trains_on_a_built_dataset_and_its_validation_split(setup, tmp_path):
+    from palm.dataset_builder import build_dataset
+    from palm.tokenizer import load_tokenizer
+
+    build_dataset(str(setup / "corpus"), load_tokenizer("bytes"), output=tmp_path / "data", seq_len=128,
+                  val_docs=2, progress=False)
+    run(setup, tmp_path / "run", data=str(tmp_path / "data"), val_data=None, max_steps=4, eval_every=2, save_every=100)
+    assert sorted(records(tmp_path / "run", "val_loss")) == [2, 4]
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
+    import errno
+
+    import palm.checkpoint
+
+    real, calls = palm.checkpoint.save_state_dict, []
+
+    def save(state, config, directory):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(state, config, directory)
+
+    monkeypatch.setattr(palm.checkpoint, "save_state_dict", save)
+    with pytest.raises(PalmError, match=r"could not write checkpoint .*step-000008 \(No space left on device\); .*step-000004 is intact"):
+        run(setup, tmp_path)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]
+    assert load(str(tmp_path / "checkpoints" / "step-000004" / "model")).num_parameters() > 0
