@@ -26,6 +26,7 @@ METADATA_NAME = "palm_dataset.json"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 SPLITS = ("train", "validation")
 DOCS_PER_BATCH = 1000
+BATCH_CHARS = 1 << 21
 SHARD_TOKENS = 1 << 27  # about 256 MB of uint16 per parquet shard
 ROW_GROUP_TOKENS = 1 << 22
 
@@ -57,19 +58,27 @@ def local_files(spec: str) -> list[Path] | None:
 def read_documents(
     files: list[Path], text_column: str = "text", encoding_errors: str = "strict"
 ) -> Iterator[list[str]]:
-    """Documents from local files in order, in lists of up to DOCS_PER_BATCH.
+    """Documents from local files in order, in batches (see `batched`).
 
-    A `.txt` file (or any file of another type) is one document; `.jsonl`/`.json`/`.csv`/`.parquet` rows are documents, read
-    from `text_column`. Files are streamed, so memory does not grow with the corpus.
+    A `.txt` file (or any file of another type) is one document; `.jsonl`/`.json`/`.csv`/`.parquet`
+    rows are documents, read from `text_column`. Files are streamed, so memory does not grow with
+    the corpus.
     """
+    documents = (text for path in files for text in _documents_in(path, text_column, encoding_errors))
+    return batched(text for text in documents if text)
+
+
+def batched(documents: Iterable[str]) -> Iterator[list[str]]:
+    """Lists of up to DOCS_PER_BATCH documents and about BATCH_CHARS characters: large enough for
+    the tokenizer's threads, small enough that memory stays flat whatever the document sizes."""
     batch: list[str] = []
-    for path in files:
-        for text in _documents_in(path, text_column, encoding_errors):
-            if text:
-                batch.append(text)
-            if len(batch) == DOCS_PER_BATCH:
-                yield batch
-                batch = []
+    chars = 0
+    for document in documents:
+        batch.append(document)
+        chars += len(document)
+        if len(batch) == DOCS_PER_BATCH or chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -135,10 +144,8 @@ def hub_documents(name: str, split: str, text_column: str, streaming: bool, seed
         raise PalmError(f"dataset {name!r} has no column {text_column!r}; its columns are {', '.join(columns)}")
     if seed is not None:
         ds = ds.shuffle(seed=seed, buffer_size=10_000) if streaming else ds.shuffle(seed=seed)
-    for batch in ds.select_columns([text_column]).iter(batch_size=DOCS_PER_BATCH):
-        texts = [t for t in batch[text_column] if t]
-        if texts:
-            yield texts
+    batches = ds.select_columns([text_column]).iter(batch_size=DOCS_PER_BATCH)
+    yield from batched(t for batch in batches for t in batch[text_column] if t)
 
 
 def shuffle_documents(batches: Iterable[list[str]], seed: int, buffer_size: int | None) -> Iterator[list[str]]:
@@ -147,27 +154,22 @@ def shuffle_documents(batches: Iterable[list[str]], seed: int, buffer_size: int 
     rng = np.random.default_rng(seed)
     if buffer_size is None:
         documents = [d for batch in batches for d in batch]
-        order = rng.permutation(len(documents))
-        for start in range(0, len(documents), DOCS_PER_BATCH):
-            yield [documents[i] for i in order[start : start + DOCS_PER_BATCH]]
+        yield from batched(documents[i] for i in rng.permutation(len(documents)))
         return
+    yield from batched(_buffer_shuffle((d for batch in batches for d in batch), rng, buffer_size))
+
+
+def _buffer_shuffle(documents: Iterable[str], rng: np.random.Generator, buffer_size: int) -> Iterator[str]:
     buffer: list[str] = []
-    out: list[str] = []
-    for batch in batches:
-        for document in batch:
-            if len(buffer) < buffer_size:
-                buffer.append(document)
-                continue
-            i = int(rng.integers(buffer_size))
-            out.append(buffer[i])
-            buffer[i] = document
-            if len(out) == DOCS_PER_BATCH:
-                yield out
-                out = []
+    for document in documents:
+        if len(buffer) < buffer_size:
+            buffer.append(document)
+            continue
+        i = int(rng.integers(buffer_size))
+        yield buffer[i]
+        buffer[i] = document
     rng.shuffle(buffer)
-    out.extend(buffer)
-    for start in range(0, len(out), DOCS_PER_BATCH):
-        yield out[start : start + DOCS_PER_BATCH]
+    yield from buffer
 
 
 # ---------------------------------------------------------------------------------------------

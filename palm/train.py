@@ -311,7 +311,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     from palm.model import next_token_loss
     from palm.tokenizer import load_tokenizer
 
-    out_dir = Path(config.out_dir or f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if config.out_dir is not None:
+        out_dir = Path(config.out_dir)
+    elif config.resume == "auto":
+        raise PalmError("--resume auto needs the --out_dir of the run to continue")
+    elif config.resume is not None:
+        out_dir = Path(config.resume).resolve().parent.parent  # <run>/checkpoints/step-N
+    else:
+        out_dir = Path(f"runs/{config.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     _check_writable(out_dir)
     resume_from = resolve_resume(config, out_dir)
 
