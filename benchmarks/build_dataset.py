@@ -6,7 +6,7 @@
 Corpus: JSON lines, one document per Python standard-library source file (the corpus of
 `palm train`'s default run, 12 MB), repeated to make the larger size. Tokenizer: a byte-level BPE with 8,192 tokens trained here on the same files (no Hub
 access needed). Every row runs in a fresh process with an empty datasets cache; peak memory is
-that process's maximum resident set size.
+that process's peak resident set (VmHWM).
 
 The seed approach, as its build_dataset.py does it: `datasets.load_dataset`, then `Dataset.map`
 with the (fast) tokenizer over batches of 1,000 documents with EOS appended, then a second
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 SEED_APPROACH = r"""
-import json, sys, time, resource
+import json, sys, time
 import datasets
 from transformers import PreTrainedTokenizerFast
 
@@ -47,11 +47,11 @@ ds = ds.map(tokenize, batched=True, num_proc=num_proc, remove_columns=ds.column_
 ds = ds.map(group_texts, batched=True, num_proc=num_proc)
 tokens = len(ds) * seq_len
 print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - start,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss()}))
 """
 
 OURS = r"""
-import json, sys, time, resource
+import json, sys, time
 from palm.dataset_builder import build_dataset
 from palm.tokenizer import load_tokenizer
 
@@ -59,7 +59,16 @@ corpus, tokenizer_file, seq_len, out, streaming = sys.argv[1], sys.argv[2], int(
 start = time.perf_counter()
 metadata = build_dataset(corpus, load_tokenizer(tokenizer_file), output=out, seq_len=seq_len, streaming=streaming, progress=False)
 print(json.dumps({"tokens": metadata["splits"]["train"]["tokens"], "seconds": time.perf_counter() - start,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": peak_rss()}))
+"""
+
+# VmHWM, the peak resident set of this process image (ru_maxrss would carry over the parent's
+# peak across fork + exec on Linux).
+PEAK_RSS = r"""
+def peak_rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
 """
 
 
@@ -92,7 +101,7 @@ def train_tokenizer(corpus: Path, directory: Path) -> Path:
 
 def run(script: str, args: list[str], cache: Path) -> dict:
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS + script, *args], capture_output=True, text=True, env=env)
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])

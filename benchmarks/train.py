@@ -15,7 +15,6 @@ GPU's data-sheet dense bf16 figure, or on CPU a 1024x1024 matmul measured here i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import tempfile
@@ -24,7 +23,8 @@ import time
 import torch
 
 from palm.config import get_config
-from palm.train import TrainConfig, flops_per_token, peak_flops, train
+from palm.config import TrainConfig
+from palm.train import flops_per_token, peak_flops, train
 
 
 def seed_tokens_per_sec(config, batch_size: int, seq_len: int, steps: int, precision: str, device: str) -> float:

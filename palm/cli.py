@@ -184,7 +184,8 @@ def cmd_build_dataset(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train (or fine-tune) a PaLM model; with no options, the tiny preset on Python's own source."""
-    from palm.train import TrainConfig, train
+    from palm.config import TrainConfig
+    from palm.train import train
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "quiet")}
     train(TrainConfig.from_sources(args.config, overrides), progress=not args.quiet)
@@ -194,7 +195,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per `TrainConfig` field; unset flags stay None so the YAML file's values win."""
     import dataclasses
 
-    from palm.train import TrainConfig
+    from palm.config import TrainConfig
 
     helps = {
         "preset": "model preset to train from scratch (default: tiny)",

@@ -338,12 +338,15 @@ def build_dataset(
         }
         (work / "README.md").write_text(_dataset_card(metadata))
         (work / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n")  # last: marks it complete
+        if output is not None:
+            _replace_directory(work, output)
         if push_to is not None:
             from palm.hub import upload_folder
 
-            upload_folder(work, push_to, repo_type="dataset")
-        if output is not None:
-            _replace_directory(work, output)
+            try:
+                upload_folder(output or work, push_to, repo_type="dataset")
+            except PalmError as e:
+                raise PalmError(f"{e}; the dataset is saved in {output}" if output else str(e)) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return metadata

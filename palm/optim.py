@@ -7,10 +7,8 @@ import math
 import torch
 from torch import nn
 
+from palm.config import OPTIMIZERS, SCHEDULES
 from palm.errors import PalmError
-
-OPTIMIZERS = ("adamw", "stable_adamw", "lion")
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,5 +1,6 @@
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -299,3 +300,34 @@ def test_open_data_sources(bpe, corpus, tmp_path):
     raw = open_data(str(src / "a.jsonl"), tokenizer=bpe, seq_len=50)
     expected = expected_stream(bpe, docs[:300])
     assert raw.blocks.reshape(-1).tolist() == expected[: raw.blocks.size] and raw.blocks.shape[1] == 50
+
+
+def test_push_to_the_hub_uploads_the_finished_dataset(bpe, corpus, tmp_path, monkeypatch):
+    """The Hub is not reachable in tests: HfApi is replaced by a recorder of what would be sent."""
+    import huggingface_hub
+
+    sent = {}
+
+    def create_repo(self, repo_id, repo_type=None, exist_ok=False, **kwargs):
+        sent["repo"] = (repo_id, repo_type, exist_ok)
+
+    def upload_folder(self, folder_path, repo_id, repo_type=None, **kwargs):
+        folder = Path(folder_path)
+        sent["files"] = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        sent["metadata"] = json.loads((folder / METADATA_NAME).read_text())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    build_dataset(str(corpus[0]), bpe, push_to="me/packed", seq_len=64, val_docs=10, progress=False)
+    assert sent["repo"] == ("me/packed", "dataset", True)
+    assert sent["files"] == ["README.md", "data/train-00000-of-00001.parquet",
+                             "data/validation-00000-of-00001.parquet", METADATA_NAME]
+    assert sent["metadata"]["splits"]["validation"]["documents"] == 10
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError("401 Unauthorized")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", refuse)
+    with pytest.raises(PalmError, match=r"could not upload to the Hugging Face Hub repo me/packed \(401 Unauthorized\).*saved in"):
+        build_dataset(str(corpus[0]), bpe, push_to="me/packed", output=tmp_path / "kept", seq_len=64, progress=False)
+    assert (tmp_path / "kept" / METADATA_NAME).is_file()  # built locally, only the upload failed

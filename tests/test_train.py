@@ -13,7 +13,8 @@ from conftest import CORPUS
 from palm import PaLM, PaLMConfig, PalmError, load
 from palm.cli import main
 from palm.optim import StableAdamW, learning_rate, parameter_groups
-from palm.train import TrainConfig, complete_checkpoints, train
+from palm.config import TrainConfig
+from palm.train import complete_checkpoints, train
 
 SMALL_BYTES = PaLMConfig(num_tokens=257, dim=64, depth=2, heads=4, dim_head=16, max_seq_len=128)
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,8 @@ def test_resume_reproduces_the_uninterrupted_run(setup, uninterrupted, tmp_path,
 KILL_DURING_SAVE = """
 import os, signal, sys
 import palm.checkpoint
-from palm.train import TrainConfig, train
+from palm.config import TrainConfig
+from palm.train import train
 
 real, calls = palm.checkpoint.save_state_dict, []
 def save(state, config, directory):
