@@ -26,9 +26,9 @@ METADATA_NAME = "palm_dataset.json"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 SPLITS = ("train", "validation")
 DOCS_PER_BATCH = 1000
-BATCH_CHARS = 1 << 21
+BATCH_CHARS = 1 << 20
 SHARD_TOKENS = 1 << 27  # about 256 MB of uint16 per parquet shard
-ROW_GROUP_TOKENS = 1 << 22
+ROW_GROUP_TOKENS = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------
