@@ -343,7 +343,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
             bar.update(1)
             bar.set_postfix_str(f"loss {record['loss']:.3f}, {tokens_per_sec:,.0f} tok/s")
         if step % config.log_every == 0 or step == max_steps:
-            mfu = tokens_per_sec * flops / peak
+            mfu = tokens_per_sec * flops / (peak * world)  # tokens of all processes against all devices
             _write(bar, say, f"step {step}/{max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | grad norm "
                              f"{record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
                              f"mem {memory_in_use(accelerator.device)}")
@@ -498,5 +498,5 @@ def _describe_run(config, out_dir, model_config, n_params, train_data, val_data,
         f"data: {data}" + (f"; validation: {val_data.source}" if val_data else "; no validation data"),
         f"{world} process(es) x {config.batch_size} x {config.grad_accum} windows of {config.seq_len} tokens = "
         f"{tokens_per_step:,} tokens per step, {max_steps:,} steps",
-        f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_source})",
+        f"MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})",
     ])
