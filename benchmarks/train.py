@@ -53,11 +53,12 @@ def seed_tokens_per_sec(config, batch_size: int, seq_len: int, steps: int, preci
 def palm_tokens_per_sec(preset: str, batch_size: int, seq_len: int, steps: int, precision: str, peak: float) -> float:
     with tempfile.TemporaryDirectory() as out_dir:
         config = TrainConfig(preset=preset, out_dir=out_dir, max_steps=steps + 1, batch_size=batch_size, seq_len=seq_len,
-                             precision=precision, log_every=1, eval_every=10**9, save_every=10**9, samples=0,
+                             precision=precision, log_every=1, eval_every=10**9, eval_windows=1, save_every=10**9, samples=0,
                              warmup_steps=1, peak_tflops=peak / 1e12)
         train(config, progress=False)
         records = [json.loads(line) for line in open(f"{out_dir}/metrics.jsonl")]
-    return statistics.median(r["tokens_per_sec"] for r in records[1:])  # log_every=1: one step per figure
+    steps = [r for r in records if "tokens_per_sec" in r]  # log_every=1: one step per figure
+    return statistics.median(r["tokens_per_sec"] for r in steps[1:])
 
 
 def main() -> None:
@@ -83,8 +84,10 @@ def main() -> None:
     for precision in args.precisions:
         peak, source = peak_flops(torch.device(args.device), precision)
         seed = seed_tokens_per_sec(config, args.batch_size, args.seq_len, args.steps, precision, args.device)
-        ours = palm_tokens_per_sec(args.preset, args.batch_size, args.seq_len, args.steps, precision, peak)
-        for name, rate in (("seed: palm-rlhf-pytorch 0.2.1 + AdamW", seed), ("palm train", ours)):
+        rows = (("seed: palm-rlhf-pytorch 0.2.1 + AdamW", lambda: seed),
+                ("palm train", lambda: palm_tokens_per_sec(args.preset, args.batch_size, args.seq_len, args.steps, precision, peak)))
+        for name, measure in rows:
+            rate = measure()
             print(f"| {name} | {precision} | {rate:,.0f} | {rate / seed:.2f} | {100 * rate * flops / peak:.1f}% | "
                   f"{peak / 1e12:.3f} ({source}) |", flush=True)
 
