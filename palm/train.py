@@ -170,7 +170,14 @@ def save_checkpoint(accelerator, model, model_config, out_dir: Path, step: int, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)
-        tmp.rename(final)
+        if final.exists():  # resumed from an earlier checkpoint: this step's old one is superseded
+            superseded = final.with_name(final.name + ".old")
+            shutil.rmtree(superseded, ignore_errors=True)
+            final.rename(superseded)
+            tmp.rename(final)
+            shutil.rmtree(superseded)
+        else:
+            tmp.rename(final)
         for old in complete_checkpoints(out_dir)[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -303,7 +310,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
 
     bar = _progress(progress and accelerator.is_main_process, step, max_steps)
     ignore_index = model_config.loss_ignore_index
-    last_saved = complete_checkpoints(out_dir)[-1] if resume_from else None
+    last_saved = resume_from
     window_start, window_tokens = time.perf_counter(), 0
     while step < max_steps:
         model.train()

@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
 
 def options(setup, out_dir, **overrides):
     values = dict(init_from=str(setup / "init"), data=str(setup / "corpus"), val_data=str(setup / "val.txt"),
-                  tokenizer="bytes", out_dir=str(out_dir),
+                  tokenizer="bytes", out_dir=None if out_dir is None else str(out_dir),
                   max_steps=12, batch_size=4, seq_len=64, lr=3e-3, min_lr=3e-4, warmup_steps=2, save_every=4,
                   eval_every=6, log_every=4, samples=0, peak_tflops=1.0)
     values.update(overrides)
@@ -318,3 +318,18 @@ def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatc
         run(setup, tmp_path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]
     assert load(str(tmp_path / "checkpoints" / "step-000004" / "model")).num_parameters() > 0
+
+
+def test_resume_from_a_checkpoint_path_continues_its_run(setup, uninterrupted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(uninterrupted, copy)
+    shutil.rmtree(copy / "model")
+    run(setup, None, resume=str(copy / "checkpoints" / "step-000004"))  # the run directory comes from the path
+    expected, got = records(uninterrupted), records(copy)
+    assert sorted(got) == list(range(1, 13))
+    assert all(got[s]["loss"] == pytest.approx(expected[s]["loss"], abs=1e-6) for s in expected)
+    assert (copy / "model" / "model.safetensors").is_file()
+    with pytest.raises(PalmError, match="--resume auto needs the --out_dir"):
+        run(setup, None, resume="auto")
