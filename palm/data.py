@@ -11,6 +11,7 @@ on its `seq_len - 1` next-token predictions, as in the seed's training on 8192-t
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ class TokenData:
     @property
     def streaming(self) -> bool:
         return not hasattr(self.blocks, "__len__")
+
+    @property
+    def in_memory(self) -> bool:
+        """Raw text packed here (as opposed to a stored dataset, which may have other splits)."""
+        return isinstance(self.blocks, np.ndarray)
 
 
 def open_data(
@@ -198,11 +204,9 @@ class StreamingLoader:
 
     def __next__(self) -> torch.Tensor:
         while len(self.pending) < self.batch_size:
-            block = self._next_block()
-            per_block = len(block) // self.seq_len
-            self.pending.extend(block[: per_block * self.seq_len].reshape(per_block, self.seq_len))
+            self.pending.extend(_cut_windows(self._next_block(), self.seq_len))
         batch, self.pending = self.pending[: self.batch_size], self.pending[self.batch_size :]
-        return torch.from_numpy(np.stack(batch).astype(np.int64))
+        return _stack(batch)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "stream": self.stream.state_dict(), "world_size": self.world_size,
@@ -234,23 +238,21 @@ def eval_batches(data: TokenData, seq_len: int, batch_size: int, max_windows: in
 
         stream = split_dataset_by_node(data.blocks, rank=rank, world_size=world_size)
         limit = None if max_windows is None else -(-max_windows // world_size)
-        batch, seen = [], 0
-        for row in stream:
-            block = np.asarray(row["input_ids"])
-            for window in block[: len(block) // seq_len * seq_len].reshape(-1, seq_len):
-                if limit is not None and seen == limit:
-                    break
-                batch.append(window)
-                seen += 1
-                if len(batch) == batch_size:
-                    yield torch.from_numpy(np.stack(batch).astype(np.int64))
-                    batch = []
-            if limit is not None and seen == limit:
-                break
-        if batch:
-            yield torch.from_numpy(np.stack(batch).astype(np.int64))
+        windows = (w for row in stream for w in _cut_windows(np.asarray(row["input_ids"]), seq_len))
+        windows = itertools.islice(windows, limit)
+        while batch := list(itertools.islice(windows, batch_size)):
+            yield _stack(batch)
         return
     windows = Windows(data, seq_len)
     indices = np.arange(len(windows) if max_windows is None else min(max_windows, len(windows)))[rank::world_size]
     for start in range(0, len(indices), batch_size):
         yield windows[indices[start : start + batch_size]]
+
+
+def _cut_windows(block: np.ndarray, seq_len: int) -> np.ndarray:
+    """The consecutive `seq_len` windows of one block, (len(block) // seq_len, seq_len)."""
+    return block[: len(block) // seq_len * seq_len].reshape(-1, seq_len)
+
+
+def _stack(windows: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(windows).astype(np.int64))

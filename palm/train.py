@@ -50,7 +50,6 @@ def stdlib_files() -> list[Path]:
 def open_training_data(config: TrainConfig, tokenizer):
     """(train data, validation data or None) for the config."""
     from palm.data import open_data
-    from palm.dataset_builder import METADATA_NAME, local_files
 
     if config.data is None:
         files = stdlib_files()
@@ -61,9 +60,9 @@ def open_training_data(config: TrainConfig, tokenizer):
     train = open_data(config.data, "train", tokenizer=tokenizer, seq_len=config.seq_len, streaming=config.streaming)
     if config.val_data is not None:
         return train, _open_validation(config.val_data, config, tokenizer, required=True)
-    if local_files(config.data) is None or (Path(config.data) / METADATA_NAME).is_file():
-        return train, _open_validation(config.data, config, tokenizer, required=False)
-    return train, None  # raw text files: pass --val_data for evaluation
+    if train.in_memory:
+        return train, None  # raw text files have no validation split: pass --val_data for evaluation
+    return train, _open_validation(config.data, config, tokenizer, required=False)
 
 
 def _open_validation(source: str, config: TrainConfig, tokenizer, required: bool):

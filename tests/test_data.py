@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import train_bpe
 from palm import PalmError, load_tokenizer
@@ -279,6 +280,12 @@ def test_streaming_loader_resumes_exactly(tmp_path):
     resumed = loader()
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert all(a.equal(b) for a, b in zip(batches[5:], [next(resumed) for _ in range(9)]))
+
+    stream = datasets.load_dataset("parquet", data_files=str(tmp_path / "blocks.parquet"), split="train", streaming=True)
+    evaluated = list(eval_batches(TokenData(stream, 8, None, "stream"), seq_len=3, batch_size=3, max_windows=7))
+    assert [len(b) for b in evaluated] == [3, 3, 1]
+    assert torch.cat(evaluated).tolist() == [[0, 1, 2], [3, 4, 5], [8, 9, 10], [11, 12, 13], [16, 17, 18],
+                                             [19, 20, 21], [24, 25, 26]]  # 2 windows per 8-token block
 
     parts = [loader(r, 2) for r in range(2)]
     rows = [set(map(tuple, np.concatenate([next(p).numpy() for _ in range(5)]).tolist())) for p in parts]
