@@ -125,8 +125,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
     max_new = min(max_new, model.config.max_seq_len - len(prompt_ids))
     if args.quantize:
         quantize(model, args.quantize)
-    if args.compile:
-        model.forward = torch.compile(model.forward, dynamic=False)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -138,7 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.num_samples == 1:
         sys.stdout.write(prompt)
     for tokens in stream(model, batch, max_new, temperature=args.temperature, filter_thres=args.filter_thres,
-                         top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator):
+                         top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator,
+                         compile=args.compile):
         first_token_at = first_token_at or time.perf_counter()
         count += 1
         for streamer, token in zip(streamers, tokens.tolist()):
@@ -261,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default: %(default)s)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--quantize", choices=["int8"], help="weight-only int8 quantization")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the model")
+    gen.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster per token)")
     gen.set_defaults(func=cmd_generate)
 
     build = commands.add_parser("build-dataset", help=cmd_build_dataset.__doc__, description=cmd_build_dataset.__doc__)

@@ -44,7 +44,7 @@ class DecodeLinear(nn.Module):
 
 @torch.compiler.assume_constant_result
 def kernel_available() -> bool:
-    return cpu_gemv() is not None
+    return cpu_gemv()
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:

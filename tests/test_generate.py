@@ -128,6 +128,17 @@ def test_batch_of_different_lengths_equals_one_at_a_time():
         assert row[: len(single)].tolist() == single.tolist()
 
 
+def test_compiled_decoding_equals_eager():
+    # greedy continuations of a left-padded batch and of a single prompt, through torch.compile
+    ref, model = reference_loaded()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3]]
+    eager = generate(model, prompts, 20, temperature=0)
+    compiled = generate(model, prompts, 20, temperature=0, compile=True)
+    assert compiled.tolist() == eager.tolist()
+    prompt = torch.tensor(prompts[0])
+    assert generate(model, prompt, 20, temperature=0, compile=True)[:20].tolist() == eager[0].tolist()[:20]
+
+
 def test_each_sequence_stops_at_its_own_eos():
     _, model = reference_loaded()
     prompts = [[5, 6, 7], [30, 31]]
