@@ -19,6 +19,7 @@ import time
 import torch
 
 import palm
+from palm.checkpoint import resolve_dtype
 from palm.generate import stream
 from palm.kernels import cpu_gemv, gemv
 from palm.quantize import quantize
@@ -139,6 +140,7 @@ def main() -> None:
 
     engine = "palm, compiled decode" if args.compile else "palm"
     for dtype in args.dtypes:
+        torch._dynamo.reset()  # each dtype compiles afresh: 3 dtypes x 3 shapes exceed dynamo's default limit of 8
         model = copy.deepcopy(base)
         if dtype == "int8":
             quantize(model)
@@ -160,7 +162,7 @@ def main() -> None:
     try:
         for dtype in [d for d in args.dtypes if d in ("fp32", "bf16")]:
             for length in args.lengths:
-                rate, n_params = transformers_rate(length, palm.checkpoint.resolve_dtype(dtype), device)
+                rate, n_params = transformers_rate(length, resolve_dtype(dtype), device)
                 row(f"transformers GPT-NeoX {n_params / 1e6:.0f}M", dtype, 1, length, rate)
     except ImportError:
         print("(transformers not installed: `pip install transformers` for its rows)")

@@ -103,14 +103,15 @@ def decode_step(model: PaLM, tokens: Tensor, position: Tensor, starts: Tensor, k
 
 @functools.cache
 def compiled_decode_step(device_type: str):
-    """`decode_step` through torch.compile (static shapes; one compilation per batch size and length).
+    """`decode_step` through torch.compile. The first call compiles for the batch size and length at
+    hand; a later call with another length recompiles once with those sizes symbolic.
 
     On the CPU the compiled graph runs from a C++ wrapper: eager PyTorch spends ~10-20 us of
     Python per op, a few hundred ops per token, as much as the matmuls of a small model.
     On CUDA, CUDA graphs remove the kernel-launch overhead instead.
     """
     options = {"triton.cudagraphs": True} if device_type == "cuda" else {"cpp_wrapper": True}
-    return torch.compile(decode_step, dynamic=False, options=options)
+    return torch.compile(decode_step, options=options)
 
 
 @torch.inference_mode()
