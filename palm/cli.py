@@ -132,14 +132,18 @@ def cmd_generate(args: argparse.Namespace) -> None:
     batch = prompt_ids.expand(args.num_samples, -1)
     streamers = [TextStreamer(tokenizer) for _ in range(args.num_samples)]
     start = time.perf_counter()
-    first_token_at, count = None, 0
+    first_token_at = second_token_at = None
+    count = 0
     if args.num_samples == 1:
         sys.stdout.write(prompt)
     for tokens in stream(model, batch, max_new, temperature=args.temperature, filter_thres=args.filter_thres,
                          top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator,
                          compile=args.compile):
-        first_token_at = first_token_at or time.perf_counter()
         count += 1
+        if count == 1:
+            first_token_at = time.perf_counter()
+        elif count == 2:
+            second_token_at = time.perf_counter()
         for streamer, token in zip(streamers, tokens.tolist()):
             if token == tokenizer.eos_id:
                 continue
@@ -153,10 +157,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         for i, streamer in enumerate(streamers):
             sys.stdout.write(f"--- sample {i + 1} ---\n{prompt}{tokenizer.decode(streamer.ids)}\n")
-    decode_rate = (count - 1) / (end - first_token_at) if count > 1 else float("nan")
+    # with --compile the first decode step compiles; the rate counts the steps after it
+    rate_from, rate_steps = (second_token_at, count - 2) if args.compile else (first_token_at, count - 1)
+    decode_rate = rate_steps / (end - rate_from) if rate_steps > 0 else float("nan")
+    compiling = f", compiling {second_token_at - first_token_at:.1f}s" if args.compile and count > 1 else ""
     print(
         f"[{count} tokens x {args.num_samples} in {end - start:.2f}s: prompt {len(prompt_ids)} tokens "
-        f"in {first_token_at - start if first_token_at else 0:.2f}s, decode {decode_rate:.1f} tokens/s per sequence]",
+        f"in {first_token_at - start if first_token_at else 0:.2f}s{compiling}, "
+        f"decode {decode_rate:.1f} tokens/s per sequence]",
         file=sys.stderr,
     )
 

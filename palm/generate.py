@@ -159,7 +159,6 @@ def stream(
     padded = bool(starts.any())
     mask = attention_mask(positions, prompt_len, starts) if padded else None
     logits = model(tokens, positions, mask)[:, -1]
-    step_fn = compiled_decode_step(device.type) if compile else decode_step
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         next_token = sample(logits, **options)
@@ -169,6 +168,7 @@ def stream(
         yield next_token
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
+        step_fn = compiled_decode_step(device.type) if compile else decode_step  # set up after the first token
         logits = step_fn(model, next_token[:, None], positions.new_tensor([prompt_len + step]), starts, total)
 
 

@@ -101,6 +101,9 @@ def test_generate_streams_text(tiny_bytes_model, capsys):
     assert "decode" in captured.err and "tokens/s" in captured.err
     assert main([*args, "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.startswith("Bob has 1")
+    assert main([*args, "--compile"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == captured.out and "compiling" in compiled.err
 
 
 def test_generate_from_stdin_and_samples(tiny_bytes_model, capsys, monkeypatch):
