@@ -241,10 +241,9 @@ class ShardWriter:
             # from_buffers rather than pa.array(ndarray): the latter imports pandas (~0.4 s) to rule it out
             offsets = np.arange(0, (take + 1) * self.seq_len, self.seq_len, dtype=np.int32)
             values = np.ascontiguousarray(chunk).reshape(-1)
-            column = pa.ListArray.from_buffers(
-                self.schema.field(0).type, take, [None, pa.py_buffer(offsets)],
-                children=[pa.Array.from_buffers(self.schema.field(0).type.value_type, len(values), [None, pa.py_buffer(values)])],
-            )
+            list_type = self.schema.field(0).type
+            ids = pa.Array.from_buffers(list_type.value_type, len(values), [None, pa.py_buffer(values)])
+            column = pa.ListArray.from_buffers(list_type, take, [None, pa.py_buffer(offsets)], children=[ids])
             self.writer.write_table(pa.Table.from_arrays([column], schema=self.schema))
             self.rows_in_shard += take
             self.rows += take

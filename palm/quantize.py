@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from palm.errors import PalmError
-from palm.kernels import cpu_gemv, gemv
+from palm.kernels import gemv, load_cpu_gemv
 
 # More rows than this and a real matrix multiply (prefill) beats streaming the weights per row.
 KERNEL_MAX_ROWS = 8
@@ -44,7 +44,7 @@ class DecodeLinear(nn.Module):
 
 @torch.compiler.assume_constant_result
 def kernel_available() -> bool:
-    return cpu_gemv()
+    return load_cpu_gemv()
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,14 +3,14 @@ import platform
 import pytest
 import torch
 
-from palm.kernels import cpu_gemv, gemv
+from palm.kernels import gemv, load_cpu_gemv
 
 x86_avx2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 @pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
 def test_kernel_builds_on_x86_with_avx2():
-    assert cpu_gemv()
+    assert load_cpu_gemv()
 
 
 @pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")

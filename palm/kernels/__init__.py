@@ -1,7 +1,7 @@
 """Optional native kernels, compiled on first use with the local C++ compiler.
 
-`cpu_gemv()` loads the AVX2 matrix-vector kernel (see gemv.cpp) behind the `palm::gemv` op and
-says whether it can run: False where not x86, no AVX2, no compiler, or PALM_NO_KERNELS=1.
+`load_cpu_gemv()` loads the AVX2 matrix-vector kernel (see gemv.cpp) behind the `palm::gemv` op
+and says whether it can run: False where not x86, no AVX2, no compiler, or PALM_NO_KERNELS=1.
 Callers then fall back to PyTorch's matmul.
 """
 
@@ -25,12 +25,12 @@ def _(x, weight, scale):
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """(x @ weight.T) * scale for a few fp32 rows `x`; weight fp32, bf16 or int8. Needs `cpu_gemv()`."""
+    """(x @ weight.T) * scale for a few fp32 rows `x`; weight fp32, bf16 or int8. Needs `load_cpu_gemv()`."""
     return torch.ops.palm.gemv(x, weight, scale)
 
 
 @functools.cache
-def cpu_gemv() -> bool:
+def load_cpu_gemv() -> bool:
     if os.environ.get("PALM_NO_KERNELS") == "1":
         return False
     if platform.machine().lower() not in ("x86_64", "amd64"):

@@ -40,13 +40,7 @@ inline int32_t hsum(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-#ifndef PALM_PREFETCH_ROWS
-#define PALM_PREFETCH_ROWS 4
-#endif
-constexpr int64_t kPrefetchRows = PALM_PREFETCH_ROWS;
-#ifndef PALM_R1
-#define PALM_R1 4
-#endif
+constexpr int64_t kPrefetchRows = 4;  // one group ahead at batch 1 (4 rows per group)
 
 // Fetch the weights one step consumes, kPrefetchRows rows ahead (prefetches never fault).
 template <typename W>
@@ -163,7 +157,7 @@ void gemv_impl(const typename T::W* w, const typename T::X* xp, const float* x, 
       const float* xs = x_scale ? x_scale + m0 : nullptr;
       float* ym = y + m0 * N;
       switch (rows) {
-        case 1: rows_kernel<T, 1, PALM_R1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 1: rows_kernel<T, 1, 4>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
         case 2: rows_kernel<T, 2, 2>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
         case 3: rows_kernel<T, 3, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
         case 4: rows_kernel<T, 4, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
