@@ -353,9 +353,13 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
             bar.update(1)
             bar.set_postfix_str(f"loss {record['loss']:.3f}, {tokens_per_sec:,.0f} tok/s")
         if step % config.log_every == 0 or step == max_steps:
-            mfu = tokens_per_sec * flops / (peak * world)  # tokens of all processes against all devices
+            achieved = tokens_per_sec * flops / world  # FLOP/s per device, from the tokens of all processes
+            if achieved > peak and peak_source.startswith("measured"):
+                # A measured peak is only a lower bound: the start-up matmul may have shared the cores.
+                peak = max(peak, peak_flops(accelerator.device, config.precision)[0])
+            mfu = f"MFU {100 * achieved / peak:.1f}%" if achieved <= peak else "MFU n/a (achieved FLOP/s above the peak; set --peak_tflops)"
             _write(bar, say, f"step {step}/{max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | grad norm "
-                             f"{record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | MFU {100 * mfu:.1f}% | "
+                             f"{record['grad_norm']:.3f} | {tokens_per_sec:,.0f} tok/s | {mfu} | "
                              f"mem {memory_in_use(accelerator.device)}")
             window_start, window_tokens = time.perf_counter(), 0
         if val_data is not None and (step % config.eval_every == 0 or step == max_steps):

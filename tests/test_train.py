@@ -219,6 +219,22 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(setup, tmp_path, monkeyp
     assert load(str(tmp_path / "checkpoints" / "step-000004" / "model")).num_parameters() > 0
 
 
+def test_a_peak_measured_on_a_busy_machine_is_measured_again(setup, tmp_path, monkeypatch, capsys):
+    import palm.train
+
+    measured = [1.0, 1.0, 1e18]  # FLOP/s: twice far too low (contended), then plausible
+
+    def peak_flops(device, precision):
+        return measured.pop(0), "measured matmul"
+
+    monkeypatch.setattr(palm.train, "peak_flops", peak_flops)
+    run(setup, tmp_path, peak_tflops=None, eval_every=100)
+    logs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "MFU" in line]
+    assert len(logs) == 3 and not measured  # start-up, then again at steps 4 and 8
+    assert "MFU n/a (achieved FLOP/s above the peak; set --peak_tflops)" in logs[0]
+    assert all("MFU 0.0%" in line for line in logs[1:])
+
+
 def test_bad_settings_are_one_clear_error(setup, tmp_path, capsys):
     small_vocab = tmp_path / "small"
     PaLM(PaLMConfig(num_tokens=97, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)).save_pretrained(small_vocab)
