@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -265,34 +266,76 @@ def test_yaml_config_with_command_line_overrides(tmp_path):
 # --- distributed -----------------------------------------------------------------------------------
 
 
-def test_ddp_two_processes_equal_one_process(setup, tmp_path):
-    """gloo on CPU: 2 processes x batch 2 take the same steps as 1 process x batch 4."""
-    def command(out, batch):
-        flags = options(setup, out, batch_size=batch, max_steps=6, save_every=3, eval_every=3)
-        return [f"--{k}={v}" for k, v in flags.items()]
+def distributed_flags(setup, out, batch):
+    flags = options(setup, out, batch_size=batch, max_steps=6, save_every=3, eval_every=3)
+    return [f"--{k}={v}" for k, v in flags.items()]
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    one = subprocess.run([sys.executable, "-m", "palm", "train", "--quiet", *command(tmp_path / "one", 4)],
-                         capture_output=True, text=True, env=env, cwd=REPO)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                          "-m", "palm", "train", "--quiet", *command(tmp_path / "two", 2)],
-                         capture_output=True, text=True, env=env, cwd=REPO)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es) x 2 x 1 windows" in two.stdout
-    a, b = records(tmp_path / "one"), records(tmp_path / "two")
-    assert sorted(a) == sorted(b) == list(range(1, 7))
-    for step in a:
-        assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-5)
-        assert b[step]["tokens"] == a[step]["tokens"]
-    va, vb = records(tmp_path / "one", "val_loss"), records(tmp_path / "two", "val_loss")
+        return s.getsockname()[1]
+
+
+def launch(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """The reference for the distributed tests: 1 process x batch 4, 6 steps."""
+    out = setup / "one-process"
+    launch([sys.executable, "-m", "palm", "train", "--quiet", *distributed_flags(setup, out, 4)])
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Losses, validation losses and final weights of two runs equal within 1e-5."""
+    ra, rb = records(a), records(b)
+    assert sorted(ra) == sorted(rb) == list(range(1, 7))
+    for step in ra:
+        assert rb[step]["loss"] == pytest.approx(ra[step]["loss"], abs=1e-5)
+        assert rb[step]["tokens"] == ra[step]["tokens"]
+    va, vb = records(a, "val_loss"), records(b, "val_loss")
+    assert sorted(va) == sorted(vb) == [3, 6]
     assert all(vb[s]["val_loss"] == pytest.approx(va[s]["val_loss"], abs=1e-5) for s in va)
-    x, y = load(str(tmp_path / "one" / "model")), load(str(tmp_path / "two" / "model"))
+    x, y = load(str(a / "model")), load(str(b / "model"))
     assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(x.state_dict().values(), y.state_dict().values()))
-    assert (tmp_path / "two" / "checkpoints" / "step-000003" / "data_rank1.json").is_file()
+
+
+def test_ddp_two_processes_equal_one_process(setup, one_process, tmp_path):
+    """gloo on CPU: 2 processes x batch 2 take the same steps as 1 process x batch 4."""
+    two = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                  "-m", "palm", "train", "--quiet", *distributed_flags(setup, tmp_path, 2)])
+    assert "2 process(es) x 2 x 1 windows" in two.stdout
+    assert_same_run(one_process, tmp_path)
+    assert (tmp_path / "checkpoints" / "step-000003" / "data_rank1.json").is_file()
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume(setup, one_process, tmp_path):
+    """configs/fsdp.yaml (FSDP2, one unit per block) through `accelerate launch`, on 2 CPU processes
+    (tests/fsdp_on_cpu.py lifts accelerate's GPU-only switch): the same steps as 1 process; the
+    sharded checkpoint's gathered model/ loads in one process; resuming from it reproduces the run."""
+    def fsdp_train(out, *extra):
+        return launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "fsdp.yaml"),
+                       "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                       str(REPO / "tests" / "fsdp_on_cpu.py"), "train", "--quiet", *distributed_flags(setup, out, 2), *extra])
+
+    run_dir = tmp_path / "fsdp"
+    assert "2 process(es) x 2 x 1 windows" in fsdp_train(run_dir).stdout
+    assert_same_run(one_process, run_dir)
+    checkpoint = run_dir / "checkpoints" / "step-000003"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir()  # saved sharded: FSDP was in charge
+    gathered = load(str(checkpoint / "model"))
+    assert gathered.num_parameters() == load(str(one_process / "model")).num_parameters()
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir, resumed)
+    shutil.rmtree(resumed / "model")
+    assert "resumed from" in fsdp_train(resumed, "--resume=auto").stdout
+    assert_same_run(one_process, resumed)
 
 
 def test_activation_checkpointing_and_bf16(setup, uninterrupted, tmp_path):
@@ -337,8 +380,6 @@ def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatc
 
 
 def test_resume_from_a_checkpoint_path_continues_its_run(setup, uninterrupted, tmp_path):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(uninterrupted, copy)
     shutil.rmtree(copy / "model")
