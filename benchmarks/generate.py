@@ -21,7 +21,7 @@ import torch
 import palm
 from palm.checkpoint import resolve_dtype
 from palm.generate import stream
-from palm.kernels import gemv, load_cpu_gemv
+from palm.kernels import gemv, load_cpu_kernels
 from palm.quantize import quantize
 
 PROMPT_LEN = 16
@@ -31,7 +31,7 @@ def measure_bandwidth(device: str) -> float:
     """Bytes per second that one pass over a 1 GiB fp32 tensor achieves (best of two ways, 3 runs)."""
     big = torch.randn(2**14, 2**14, device=device)  # 1 GiB
     readers = [lambda: big.sum()]
-    if device == "cpu" and load_cpu_gemv():
+    if device == "cpu" and load_cpu_kernels():
         x = torch.randn(1, big.shape[1])
         readers.append(lambda: gemv(x, big, None))
     best = float("inf")

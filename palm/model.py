@@ -126,6 +126,9 @@ class ParallelBlock(nn.Module):
             SwiGLU(), nn.Dropout(config.ff_dropout), nn.Linear(config.ff_inner_dim, dim, bias=False)
         )
         self.kv_cache: KVCache | None = None
+        # Attention of a single query position over the cache (decoding), in SDPA's signature;
+        # `palm.quantize.use_cpu_kernels` swaps in a CPU kernel that skips the empty cache slots.
+        self.single_query_attention = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, ...], positions: Tensor | None, attn_mask: Tensor | None) -> Tensor:
         batch, n, _ = x.shape
@@ -150,7 +153,7 @@ class ParallelBlock(nn.Module):
         if n == 1:
             # One query per head against one shared key/value head: fold the heads into the query
             # axis, so attention reads the cached keys once instead of once per head.
-            out = F.scaled_dot_product_attention(
+            out = self.single_query_attention(
                 q.transpose(1, 2), k, v, attn_mask=attn_mask, scale=self.attn_scale
             )  # (b, 1, heads, d)
         else:

@@ -1,9 +1,9 @@
-"""Linear layers for decoding: weight-only int8 quantization, and CPU matrix-vector kernels.
+"""Layers for decoding: weight-only int8 quantization, and CPU kernels.
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth.
-`use_cpu_kernels` routes small-batch CPU matmuls to palm's GEMV kernel (fp32 and bf16 weights),
-and `quantize(model, "int8")` stores weights as int8 with one fp32 scale per output channel:
-a quarter of the fp32 bytes per token.
+`use_cpu_kernels` routes small-batch CPU matmuls to palm's GEMV kernel (fp32, bf16 and int8
+weights) and single-query attention to palm's attention kernel, and `quantize(model, "int8")`
+stores weights as int8 with one fp32 scale per output channel: a quarter of the fp32 bytes per token.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from palm.errors import PalmError
-from palm.kernels import gemv, load_cpu_gemv
+from palm.kernels import decode_attention, gemv, load_cpu_kernels
 
 # More rows than this and a real matrix multiply (prefill) beats streaming the weights per row.
 KERNEL_MAX_ROWS = 8
@@ -42,9 +42,20 @@ class DecodeLinear(nn.Module):
         return F.linear(x, self.weight)
 
 
+def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """`F.scaled_dot_product_attention` for one query position per head over a shared key/value head,
+    through palm's CPU kernel where it applies (it skips the masked, still empty cache slots)."""
+    applies = (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 8 == 0
+               and (attn_mask is None or attn_mask.dtype == torch.bool) and kernel_available()
+               and not (torch.is_grad_enabled() and q.requires_grad))
+    if not applies:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return decode_attention(q, k, v, attn_mask, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
 @torch.compiler.assume_constant_result
 def kernel_available() -> bool:
-    return load_cpu_gemv()
+    return load_cpu_kernels()
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -80,7 +91,8 @@ def quantize(model: nn.Module, mode: str = "int8") -> nn.Module:
 
 
 def use_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Route the model's small-batch CPU matmuls to the GEMV kernel, sharing the same weights.
+    """Route the model's small-batch CPU matmuls to the GEMV kernel, sharing the same weights, and
+    its single-query attention to the attention kernel.
 
     A no-op where the kernel is unavailable or the model is not on the CPU. Gradients and
     state-dict keys are unaffected: calls that need gradients still use `F.linear`.
@@ -89,4 +101,7 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     if first.device.type != "cpu" or not kernel_available():
         return model
     _replace_linears(model, lambda layer: layer if isinstance(layer, DecodeLinear) else DecodeLinear(layer.weight))
+    for module in model.modules():
+        if hasattr(module, "single_query_attention"):
+            module.single_query_attention = single_query_attention
     return model

@@ -45,9 +45,12 @@ def test_incremental_decoding_equals_full_forward(kernels, qk_rmsnorm):
     torch.testing.assert_close(incremental_logits(model, tokens, prefill=7), full, atol=1e-4, rtol=0)
 
 
-def test_incremental_decoding_bf16():
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu-kernel"])
+def test_incremental_decoding_bf16(kernels):
     _, model = reference_loaded()
     model.to(torch.bfloat16)
+    if kernels:
+        use_cpu_kernels(model)
     tokens = torch.randint(0, SMALL["num_tokens"], (1, 200))
     with torch.no_grad():
         full = model(tokens).float()
@@ -55,12 +58,15 @@ def test_incremental_decoding_bf16():
     assert (incremental - full).abs().max() <= 0.02 * full.abs().max()
 
 
-def test_no_overflow_in_bf16_at_16384_positions():
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu-kernel"])
+def test_no_overflow_in_bf16_at_16384_positions(kernels):
     # Tokens at absolute positions 16380..16383 that may only see each other must give the same
     # logits as the same four tokens at positions 0..3: attention depends on distances only.
     _, model = reference_loaded()
     model = PaLM(model.config.replace(max_seq_len=16384)).eval()
     model.to(torch.bfloat16)
+    if kernels:
+        use_cpu_kernels(model)
     tokens = torch.randint(0, SMALL["num_tokens"], (1, 4))
     model.setup_caches(1, 16384)
     starts = torch.tensor([16380])

@@ -3,14 +3,16 @@ import platform
 import pytest
 import torch
 
-from palm.kernels import gemv, load_cpu_gemv
+import torch.nn.functional as F
+
+from palm.kernels import decode_attention, gemv, load_cpu_kernels
 
 x86_avx2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 @pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
 def test_kernel_builds_on_x86_with_avx2():
-    assert load_cpu_gemv()
+    assert load_cpu_kernels()
 
 
 @pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
@@ -30,3 +32,42 @@ def test_gemv_matches_matmul(rows, k):
     exact = (x @ int8.float().T) * scale
     rounding = x.abs().amax(dim=1, keepdim=True) / 16383 / 2 * (int8.abs().float().sum(dim=1) * scale)
     assert ((gemv(x, int8, scale) - exact).abs() <= rounding + 1e-4).all()
+
+
+@pytest.mark.skipif(not x86_avx2, reason="the attention kernel needs x86 with AVX2")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,dim_head", [(1, 8), (4, 16), (12, 64), (3, 136)])  # 136 = 64 + 64 + 8
+@pytest.mark.parametrize("keys", [1, 13, 300])
+def test_decode_attention_matches_sdpa(dtype, heads, dim_head, keys):
+    """Against PyTorch's attention on a slice of a larger cache, three sequences with masks of
+    every kind: left padding then causal, scattered keys, and every key visible."""
+    torch.manual_seed(keys + heads)
+    cache_k, cache_v = torch.randn(2, 3, 1, keys + 9, dim_head, dtype=dtype)
+    k, v = cache_k[:, :, :keys], cache_v[:, :, :keys]  # the kernel reads strided rows
+    q = torch.randn(3, heads, 1, dim_head, dtype=dtype).transpose(1, 2)  # (b, 1, heads, d), not contiguous
+    mask = torch.zeros(3, 1, 1, keys, dtype=torch.bool)
+    mask[0, ..., keys // 3 :] = True
+    mask[1] = torch.rand(1, 1, keys) < 0.3
+    mask[1, ..., -1] = True
+    mask[2] = True
+    scale = dim_head**-0.5
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=scale)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    got = decode_attention(q, k, v, mask, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), expected, **tolerance)
+    torch.testing.assert_close(decode_attention(q, k, v, None, scale).float(),
+                               F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale), **tolerance)
+
+
+@pytest.mark.skipif(not x86_avx2, reason="the attention kernel needs x86 with AVX2")
+def test_decode_attention_far_apart_scores_and_no_visible_key():
+    # Scores 200 apart: the smaller weights underflow to exactly 0 instead of overflowing; a
+    # sequence with no visible key gets zeros (PyTorch's attention gives NaN).
+    q = torch.ones(2, 1, 1, 8)
+    k = torch.zeros(2, 1, 3, 8)
+    k[:, :, 1] = 25.0  # score 200 with scale 1
+    v = torch.arange(3.0).view(1, 1, 3, 1).expand(2, 1, 3, 8).contiguous()
+    mask = torch.tensor([[True, True, True], [False, False, False]]).view(2, 1, 1, 3)
+    out = decode_attention(q, k, v, mask, 1.0)
+    assert torch.equal(out[0], torch.ones(1, 1, 8)) and torch.equal(out[1], torch.zeros(1, 1, 8))
