@@ -72,15 +72,36 @@ struct Partial {
   std::vector<float> max, sum, weighted;
 };
 
+// Pointers to the fp32 rows of block [t0, t0 + kBlock) of `keys` (zeros past n). fp32 rows are
+// used in place; bf16 rows are widened once into `buffer`, not once per head.
+inline void block_rows(const float* base, int64_t stride, const int64_t* keys, int64_t t0, int64_t n, int64_t D,
+                       const float* zeros, float* /*buffer*/, const float** rows) {
+  for (int64_t i = 0; i < kBlock; ++i) rows[i] = t0 + i < n ? base + keys[t0 + i] * stride : zeros;
+}
+
+inline void block_rows(const at::BFloat16* base, int64_t stride, const int64_t* keys, int64_t t0, int64_t n,
+                       int64_t D, const float* zeros, float* buffer, const float** rows) {
+  for (int64_t i = 0; i < kBlock; ++i) {
+    if (t0 + i >= n) {
+      rows[i] = zeros;
+      continue;
+    }
+    const at::BFloat16* row = base + keys[t0 + i] * stride;
+    float* out = buffer + i * D;
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, load8(row + d));
+    rows[i] = out;
+  }
+}
+
 // dst[0, 8W) += sum_i p[i] * rows[i][d0, d0 + 8W), the sums held in W registers.
-template <int W, typename T>
-inline void weigh_values(const float* p, const T* const* rows, int64_t d0, float* dst) {
+template <int W>
+inline void weigh_values(const float* p, const float* const* rows, int64_t d0, float* dst) {
   __m256 acc[W];
   for (int u = 0; u < W; ++u) acc[u] = _mm256_loadu_ps(dst + 8 * u);
   for (int64_t i = 0; i < kBlock; ++i) {
     const __m256 w = _mm256_set1_ps(p[i]);
 #pragma GCC unroll 8
-    for (int u = 0; u < W; ++u) acc[u] = _mm256_fmadd_ps(w, load8(rows[i] + d0 + 8 * u), acc[u]);
+    for (int u = 0; u < W; ++u) acc[u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(rows[i] + d0 + 8 * u), acc[u]);
   }
   for (int u = 0; u < W; ++u) _mm256_storeu_ps(dst + 8 * u, acc[u]);
 }
@@ -94,14 +115,15 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t key_stride, con
   out.weighted.assign(H * D, 0.0f);
   if (n == 0) return;
   const int64_t padded = (n + kBlock - 1) / kBlock * kBlock;
-  const std::vector<T> zero_row(D, T(0));  // stands in for the missing keys of the last block
+  const std::vector<float> zeros(D, 0.0f);  // stands in for the missing keys of the last block
+  std::vector<float> buffer(kBlock * D);
   std::vector<float> scores(H * padded);
 
   // scores[h, t] = scale * q[h] . k[keys[t]], eight keys at a time: each key row is read for all
   // heads while it is in L1, and eight independent sums keep the FMA units busy.
   for (int64_t t0 = 0; t0 < padded; t0 += kBlock) {
-    const T* rows[kBlock];
-    for (int64_t i = 0; i < kBlock; ++i) rows[i] = t0 + i < n ? k + keys[t0 + i] * key_stride : zero_row.data();
+    const float* rows[kBlock];
+    block_rows(k, key_stride, keys, t0, n, D, zeros.data(), buffer.data(), rows);
     for (int64_t h = 0; h < H; ++h) {
       const float* qh = q + h * D;
       __m256 acc[kBlock];
@@ -109,7 +131,7 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t key_stride, con
       for (int64_t d = 0; d < D; d += 8) {
         const __m256 qv = _mm256_loadu_ps(qh + d);
 #pragma GCC unroll 8
-        for (int64_t i = 0; i < kBlock; ++i) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i] + d), acc[i]);
+        for (int64_t i = 0; i < kBlock; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(rows[i] + d), acc[i]);
       }
       _mm256_storeu_ps(scores.data() + h * padded + t0, _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale)));
     }
@@ -135,8 +157,8 @@ void attend_keys(const float* q, const T* k, const T* v, int64_t key_stride, con
   }
   // weighted[h] = sum_t scores[h, t] * v[keys[t]], 64 output values per pass
   for (int64_t t0 = 0; t0 < padded; t0 += kBlock) {
-    const T* rows[kBlock];
-    for (int64_t i = 0; i < kBlock; ++i) rows[i] = t0 + i < n ? v + keys[t0 + i] * key_stride : zero_row.data();
+    const float* rows[kBlock];
+    block_rows(v, key_stride, keys, t0, n, D, zeros.data(), buffer.data(), rows);
     for (int64_t h = 0; h < H; ++h) {
       const float* p = scores.data() + h * padded + t0;
       float* dst = out.weighted.data() + h * D;
