@@ -21,20 +21,15 @@
 #include <limits>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+using palm_simd::hsum;
 
-inline __m256 load8(const at::BFloat16* p) {  // bf16 is the high half of an fp32
+inline __m256 widen8(const at::BFloat16* p) {  // bf16 is the high half of an fp32
   __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // e^x for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes expf's
@@ -88,7 +83,7 @@ inline void block_rows(const at::BFloat16* base, int64_t stride, const int64_t* 
     }
     const at::BFloat16* row = base + keys[t0 + i] * stride;
     float* out = buffer + i * D;
-    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, load8(row + d));
+    for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, widen8(row + d));
     rows[i] = out;
   }
 }
