@@ -124,6 +124,16 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     return 2 * n**3 / best, f"measured {n}x{n} {str(dtype)[6:]} matmul"
 
 
+def _check_trackers_installed(trackers: list[str]) -> None:
+    # accelerate silently drops a tracker whose package is missing; say so instead.
+    import accelerate.utils
+
+    installed = {"tensorboard": accelerate.utils.is_tensorboard_available, "wandb": accelerate.utils.is_wandb_available}
+    for name in trackers:
+        if not installed[name]():
+            raise PalmError(f"--trackers {name} needs the {name} package: pip install {name}")
+
+
 def memory_in_use(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
@@ -235,6 +245,7 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
     from palm.model import next_token_loss
     from palm.tokenizer import load_tokenizer
 
+    _check_trackers_installed(config.trackers)
     if config.out_dir is not None:
         out_dir = Path(config.out_dir)
     elif config.resume == "auto":
@@ -300,7 +311,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> Path:
         (out_dir / "config.yaml").write_text(_to_yaml({**dataclasses.asdict(config), "out_dir": str(out_dir), "max_steps": max_steps}))
     metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator.is_main_process, step if resume_from else None)
     if config.trackers:
-        accelerator.init_trackers(out_dir.name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
+        # One wandb project ("palm") with a run per run directory; tensorboard writes to <out_dir>/palm.
+        accelerator.init_trackers("palm", config={k: str(v) for k, v in dataclasses.asdict(config).items()},
+                                  init_kwargs={"wandb": {"name": out_dir.name}})
 
     n_params = accelerator.unwrap_model(model).num_parameters()
     flops = flops_per_token(model_config, n_params, config.seq_len)

@@ -236,7 +236,7 @@ def test_a_peak_measured_on_a_busy_machine_is_measured_again(setup, tmp_path, mo
     assert all("MFU 0.0%" in line for line in logs[1:])
 
 
-def test_bad_settings_are_one_clear_error(setup, tmp_path, capsys):
+def test_bad_settings_are_one_clear_error(setup, tmp_path, capsys, monkeypatch):
     small_vocab = tmp_path / "small"
     PaLM(PaLMConfig(num_tokens=97, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)).save_pretrained(small_vocab)
     with pytest.raises(PalmError, match="tokenizer bytes has 257 tokens but the model only 97"):
@@ -248,6 +248,10 @@ def test_bad_settings_are_one_clear_error(setup, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PalmError, match="is not a writable directory"):
         run(setup, tmp_path / "file" / "run")
+    with monkeypatch.context() as patch:
+        patch.setattr("accelerate.utils.is_wandb_available", lambda: False)
+        with pytest.raises(PalmError, match="--trackers wandb needs the wandb package: pip install wandb"):
+            run(setup, tmp_path / "d", trackers=["wandb"])
     for argv in (["--optimizer", "sgd"], ["--max_steps", "0", "--max_tokens", "5"], ["--config", str(tmp_path / "no.yaml")]):
         assert main(["train", *argv]) == 1
         err = capsys.readouterr().err
@@ -347,6 +351,19 @@ def test_activation_checkpointing_and_bf16(setup, uninterrupted, tmp_path):
     bf16 = records(tmp_path / "bf16")
     assert sorted(bf16) == list(range(1, 13))  # 3072 tokens / 256 per step
     assert all(bf16[s]["loss"] == pytest.approx(expected[s]["loss"], rel=0.02) for s in expected)
+
+
+def test_tensorboard_tracker_gets_the_logged_metrics(setup, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(setup, tmp_path, trackers=["tensorboard"], max_steps=4, eval_every=2, save_every=100)
+    accumulator = EventAccumulator(str(tmp_path / "palm"))
+    accumulator.Reload()
+    logged = {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+    expected = records(tmp_path)
+    assert logged["loss"] == pytest.approx({step: r["loss"] for step, r in expected.items()}, rel=1e-6)
+    assert logged["val_loss"] == pytest.approx({step: r["val_loss"] for step, r in records(tmp_path, "val_loss").items()}, rel=1e-6)
+    assert sorted(logged["lr"]) == [1, 2, 3, 4]
 
 
 def test_trains_on_a_built_dataset_and_its_validation_split(setup, tmp_path):
