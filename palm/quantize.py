@@ -45,7 +45,8 @@ class DecodeLinear(nn.Module):
 def single_query_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """`F.scaled_dot_product_attention` for one query position per head over a shared key/value head,
     through palm's CPU kernel where it applies (it skips the masked, still empty cache slots)."""
-    applies = (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 8 == 0
+    applies = (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == v.dtype == q.dtype
+               and q.shape[-1] % 8 == 0
                and (attn_mask is None or attn_mask.dtype == torch.bool) and kernel_available()
                and not (torch.is_grad_enabled() and q.requires_grad))
     if not applies:

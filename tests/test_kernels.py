@@ -71,3 +71,18 @@ def test_decode_attention_far_apart_scores_and_no_visible_key():
     mask = torch.tensor([[True, True, True], [False, False, False]]).view(2, 1, 1, 3)
     out = decode_attention(q, k, v, mask, 1.0)
     assert torch.equal(out[0], torch.ones(1, 1, 8)) and torch.equal(out[1], torch.zeros(1, 1, 8))
+
+
+def test_single_query_attention_falls_back_to_pytorch_where_the_kernel_does_not_apply():
+    from palm.quantize import single_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 4, 12), torch.randn(1, 1, 9, 12), torch.randn(1, 1, 9, 12)  # head dim 12
+    additive = torch.zeros(1, 1, 1, 9)
+    additive[..., :2] = float("-inf")
+    cases = [(q, k, v, None), (q.half(), k.half(), v.half(), None), (q[..., :8], k[..., :8], v[..., :8], additive)]
+    for q_, k_, v_, mask in cases:
+        expected = F.scaled_dot_product_attention(q_.float(), k_.float(), v_.float(), attn_mask=mask)
+        got = single_query_attention(q_, k_, v_, attn_mask=mask)
+        assert got.dtype == q_.dtype
+        torch.testing.assert_close(got.float(), expected, atol=2e-3, rtol=2e-3)
