@@ -180,11 +180,15 @@ void decode_attention_impl(const float* q, const T* k, const T* v, int64_t batch
   // The visible keys of each sequence, split into enough runs to keep every thread busy (none
   // shorter than 64 keys).
   std::vector<std::vector<int64_t>> visible(B);
-  for (int64_t b = 0; b < B; ++b)
+  size_t most = 0;
+  for (int64_t b = 0; b < B; ++b) {
     for (int64_t j = 0; j < N; ++j)
       if (mask == nullptr || mask[b * mask_batch_stride + j * mask_stride]) visible[b].push_back(j);
+    most = std::max(most, visible[b].size());
+  }
   const int64_t threads = at::get_num_threads();
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((N + 63) / 64, (2 * threads + B - 1) / B));
+  const int64_t chunks =
+      std::max<int64_t>(1, std::min<int64_t>((static_cast<int64_t>(most) + 63) / 64, (2 * threads + B - 1) / B));
   std::vector<Partial> partials(B * chunks);
   at::parallel_for(0, B * chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t task = first; task < last; ++task) {
