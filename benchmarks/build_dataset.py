@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/build_dataset.py [--sizes 1 10] [--seq_len 2048]
 
 Corpus: JSON lines, one document per Python standard-library source file (the corpus of
-`palm train`'s default run, 12 MB), repeated to make the larger size. Tokenizer: a byte-level BPE with 8,192 tokens trained here on the same files (no Hub
-access needed). Every row runs in a fresh process with an empty datasets cache; peak memory is
+`palm train`'s default run, 12 MB), repeated to make the larger size. Tokenizer: a byte-level BPE
+with 8,192 tokens trained here on the same files (no Hub access needed). palm encodes it with its
+native encoder (palm/bpe.py, same ids as `tokenizers`); the last row per size uses `tokenizers`. Every row runs in a fresh process with an empty datasets cache; peak memory is
 that process's peak resident set (VmHWM).
 
 The seed approach, as its build_dataset.py does it: `datasets.load_dataset`, then `Dataset.map`
@@ -98,12 +99,18 @@ def train_tokenizer(corpus: Path, directory: Path) -> Path:
     return path
 
 
-def run(script: str, args: list[str], cache: Path) -> dict:
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+def run(script: str, args: list[str], cache: Path, extra_env: dict | None = None) -> dict:
+    env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "HF_HUB_OFFLINE": "1", **(extra_env or {})}
     result = subprocess.run([sys.executable, "-c", PEAK_RSS + script, *args], capture_output=True, text=True, env=env)
     if result.returncode:
         raise SystemExit(result.stderr[-3000:])
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def shards(directory: Path) -> list:
+    import pyarrow.parquet as pq
+
+    return [pq.read_table(path).column("input_ids").to_pylist() for path in sorted(directory.rglob("*.parquet"))]
 
 
 def main() -> None:
@@ -115,23 +122,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokenizer = train_tokenizer(make_corpus(tmp, 1), tmp)
+        # palm's native BPE encoder compiles on first use (about a second, once per machine): not timed
+        from palm.bpe import FastBPE
+        from tokenizers import Tokenizer
+
+        assert FastBPE.from_tokenizer(Tokenizer.from_file(str(tokenizer))) is not None
         print(f"{cores} cores, seq_len {args.seq_len}, BPE vocab 8192\n")
         print("| corpus | MB | approach | tokens | s | tokens/s | peak RSS MiB |")
         print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
         for copies in args.sizes:
             corpus = make_corpus(tmp, copies)
             mb = corpus.stat().st_size / 1e6
+            ours = [str(corpus), str(tokenizer.parent), str(args.seq_len)]
             rows = [
-                ("seed: datasets.map + group_texts", SEED_APPROACH, [str(corpus), str(tokenizer), str(args.seq_len), str(cores)]),
-                ("palm build-dataset", OURS, [str(corpus), str(tokenizer.parent), str(args.seq_len), str(tmp / "out-a"), "0"]),
-                ("palm build-dataset --streaming", OURS, [str(corpus), str(tokenizer.parent), str(args.seq_len), str(tmp / "out-b"), "1"]),
+                ("seed: datasets.map + group_texts", SEED_APPROACH, [str(corpus), str(tokenizer), str(args.seq_len), str(cores)], None),
+                ("palm build-dataset", OURS, [*ours, str(tmp / "out-a"), "0"], None),
+                ("palm build-dataset --streaming", OURS, [*ours, str(tmp / "out-b"), "1"], None),
+                ("palm build-dataset, tokenizers' own encoder", OURS, [*ours, str(tmp / "out-c"), "0"], {"PALM_NO_KERNELS": "1"}),
             ]
-            for name, script, script_args in rows:
+            for name, script, script_args, extra_env in rows:
                 cache = Path(tempfile.mkdtemp(dir=tmp))
-                r = run(script, script_args, cache)
+                r = run(script, script_args, cache, extra_env)
                 print(f"| x{copies} | {mb:.0f} | {name} | {r['tokens']:,} | {r['seconds']:.1f} | "
                       f"{r['tokens'] / r['seconds']:,.0f} | {r['peak_rss'] / 2**20:,.0f} |", flush=True)
-            for out in ("out-a", "out-b"):
+            same = all(shards(tmp / out) == shards(tmp / "out-c") for out in ("out-a", "out-b"))
+            print(f"| x{copies} | | palm's native encoder and tokenizers' wrote {'identical' if same else 'DIFFERENT'} blocks | | | | |")
+            for out in ("out-a", "out-b", "out-c"):
                 shutil.rmtree(tmp / out, ignore_errors=True)
 
 
