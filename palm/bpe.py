@@ -47,6 +47,8 @@ class FastBPE:
         """A fast encoder equivalent to `tokenizer` (a `tokenizers.Tokenizer`), or None."""
         if os.environ.get("PALM_NO_KERNELS") == "1":
             return None
+        if getattr(tokenizer, "encode_special_tokens", False):  # special tokens in text left as text
+            return None
         spec = _spec(json.loads(tokenizer.to_str()))
         if spec is None:
             return None

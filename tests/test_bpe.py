@@ -138,7 +138,9 @@ def test_tokenizers_it_cannot_reproduce_are_declined(plain_bpe):
     ]
     stripped = Tokenizer.from_str(plain_bpe.to_str())
     stripped.add_tokens([AddedToken("<x>", lstrip=True)])
-    for tokenizer in [*declined, stripped]:
+    literal_specials = Tokenizer.from_str(plain_bpe.to_str())
+    literal_specials.encode_special_tokens = True
+    for tokenizer in [*declined, stripped, literal_specials]:
         assert FastBPE.from_tokenizer(tokenizer) is None
 
 
