@@ -1,0 +1,80 @@
+"""Where decoding's matrix-vector products stand against this machine's limits.
+
+    .venv/bin/python benchmarks/gemv.py [--preset 150m]
+
+For each weight type, the 37 matrix-vector products of one 150m decode step (random weights, in
+the model's order, so each matrix comes from memory as in decoding) through palm's GEMV kernel
+and through PyTorch (`F.linear`; int8 weights dequantized on the fly are not a fair comparison and
+are skipped), against the read bandwidth of streaming one 1 GiB fp32 matrix. A last column
+repeats one 768 x 768 matrix that stays in the caches: the kernel's arithmetic ceiling for that
+weight type with memory out of the way, in bytes and in weights per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import palm
+from palm.kernels import gemv, load_cpu_kernels
+from palm.quantize import DecodeLinear, quantize, use_cpu_kernels
+
+
+def best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="150m")
+    args = parser.parse_args()
+    if not load_cpu_kernels():
+        raise SystemExit("palm's CPU kernels are unavailable here")
+    torch.manual_seed(0)
+    big = torch.randn(2**14, 2**14)
+    x_big = torch.randn(1, 2**14)
+    stream = max(2**30 / best_seconds(lambda: gemv(x_big, big, None), 3), 2**30 / best_seconds(big.sum, 3))
+    del big
+    print(f"# {args.preset}, {torch.get_num_threads()} threads; streaming 1 GiB: {stream / 1e9:.1f} GB/s\n")
+    print("| weights | palm GEMV GB/s | % of streaming | PyTorch F.linear GB/s | palm / PyTorch | in-cache ceiling GB/s | ceiling G weights/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = palm.PaLM(palm.get_config(args.preset)).eval()
+    for dtype in ("fp32", "bf16", "int8"):
+        model = palm.PaLM(base.config).eval()
+        model.load_state_dict(base.state_dict())
+        if dtype == "bf16":
+            model.to(torch.bfloat16)
+        elif dtype == "int8":
+            quantize(model)
+        use_cpu_kernels(model)
+        layers = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+        inputs = [torch.randn(1, m.weight.shape[1]) for m in layers]
+        nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+        ours = nbytes / best_seconds(lambda: [gemv(x, m.weight, m.scale) for m, x in zip(layers, inputs)], 8)
+        if dtype == "int8":
+            theirs_text, ratio_text = "", ""
+        else:
+            dt = torch.float32 if dtype == "fp32" else torch.bfloat16
+            typed = [x.to(dt) for x in inputs]
+            theirs = nbytes / best_seconds(lambda: [F.linear(x, m.weight) for m, x in zip(layers, typed)], 8)
+            theirs_text, ratio_text = f"{theirs / 1e9:.1f}", f"{ours / theirs:.2f}x"
+        small = layers[1].weight[:, :768] if layers[1].weight.shape[1] > 768 else layers[1].weight
+        small = small.contiguous()
+        scale = torch.ones(small.shape[0]) if dtype == "int8" else None
+        x_small = torch.randn(1, small.shape[1])
+        ceiling = small.numel() * small.element_size() * 200 / best_seconds(
+            lambda: [gemv(x_small, small, scale) for _ in range(200)], 5)
+        print(f"| {dtype} | {ours / 1e9:.1f} | {100 * ours / stream:.0f}% | {theirs_text} | {ratio_text} | {ceiling / 1e9:.1f} | {ceiling / small.element_size() / 1e9:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
