@@ -46,7 +46,7 @@ struct Symbol {
 };
 
 constexpr size_t kMaxCachedWord = 256;     // bytes
-constexpr size_t kMaxCacheEntries = 1 << 20;  // cleared when full, so memory stays bounded
+constexpr size_t kMaxCacheEntries = 1 << 18;  // cleared when full: memory stays bounded (~40 MB)
 
 class Encoder {
  public:
