@@ -1,5 +1,5 @@
 """A native encoder for byte-level BPE tokenizers (GPT-2, GPT-NeoX and their kind) that gives
-exactly the ids of Hugging Face `tokenizers`, about ten times faster, for building datasets.
+exactly the ids of Hugging Face `tokenizers`, several times faster, for building datasets.
 
 `FastBPE.from_tokenizer` returns None for a tokenizer it cannot reproduce (another pre-tokenizer
 or normalizer, BPE dropout, strip options on added tokens, ...), or where the C++ compiler is
