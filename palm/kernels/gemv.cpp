@@ -43,6 +43,7 @@ inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_ca
 
 struct F32 {
   static constexpr bool kPrefetch = false;  // the hardware prefetcher keeps up with fp32 rows
+  static constexpr bool kOneRowAtBatch1 = false;  // four rows at a time measured faster
   using W = float;
   using X = float;
   using Acc = __m256;
@@ -61,6 +62,7 @@ struct F32 {
 
 struct BF16 {
   static constexpr bool kPrefetch = true;
+  static constexpr bool kOneRowAtBatch1 = true;
   using W = at::BFloat16;
   using X = float;  // each block of 16 holds x's 8 even-indexed values, then its 8 odd-indexed ones
   using Acc = __m256;
@@ -79,12 +81,23 @@ struct BF16 {
       }
     }
   }
+  // One row against one x (batch 1), even and odd elements in separate accumulators.
+  static void step_one_row(const W* w, const X* x, Acc* acc) {
+    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+    for (int h = 0; h < 2; ++h) {
+      __m256i raw = load256(w + 16 * h);
+      acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16 * h), _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16 * h + 8), _mm256_castsi256_ps(_mm256_and_si256(raw, high)), acc[1]);
+    }
+  }
+  static Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
   static float finish(Acc acc) { return hsum(acc); }
   static float value(W v) { return static_cast<float>(v); }
 };
 
 struct I8 {
   static constexpr bool kPrefetch = true;
+  static constexpr bool kOneRowAtBatch1 = true;
   using W = int8_t;
   using X = int16_t;
   using Acc = __m256i;
@@ -99,6 +112,13 @@ struct I8 {
       acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(hi, load256(x + m * K + 16)));
     }
   }
+  static void step_one_row(const W* w, const X* x, Acc* acc) {
+    __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+    acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(lo, load256(x)));
+    acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(hi, load256(x + 16)));
+  }
+  static Acc add(Acc a, Acc b) { return _mm256_add_epi32(a, b); }
   static float finish(Acc acc) { return static_cast<float>(hsum(acc)); }
   static float value(W v) { return static_cast<float>(v); }
 };
@@ -135,6 +155,29 @@ void rows_kernel(const typename T::W* w, const typename T::X* xp, const float* x
   if (n < n_end) rows_kernel<T, M, 1>(w, xp, x, x_scale, scale, y, K, N, n, n_end);
 }
 
+// Batch 1 with bf16 or int8 weights: one row after another, so each thread reads a single
+// sequential stream, prefetched kStreamPrefetchBytes ahead, and two accumulators per row keep the
+// multiply-adds' dependency chains short. Measured against four rows at a time on the 150m
+// model's matrices: int8 -14..-16% time, bf16 -2..-14%; fp32 was slower, so it keeps rows_kernel.
+constexpr int64_t kStreamPrefetchBytes = 2048;
+
+template <typename T>
+void one_row_kernel(const typename T::W* w, const typename T::X* xp, const float* x, const float* x_scale,
+                    const float* scale, float* y, int64_t K, int64_t n_begin, int64_t n_end) {
+  const int64_t K_vec = K / kStep * kStep;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const typename T::W* row = w + n * K;
+    typename T::Acc acc[2] = {T::zero(), T::zero()};
+    for (int64_t k = 0; k < K_vec; k += kStep) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k) + kStreamPrefetchBytes, _MM_HINT_T0);
+      T::step_one_row(row + k, xp + k, acc);
+    }
+    float sum = T::finish(T::add(acc[0], acc[1])) * (x_scale ? x_scale[0] : 1.0f);
+    for (int64_t k = K_vec; k < K; ++k) sum += x[k] * T::value(row[k]);
+    y[n] = scale ? sum * scale[n] : sum;
+  }
+}
+
 template <typename T>
 void gemv_impl(const typename T::W* w, const typename T::X* xp, const float* x, const float* x_scale,
                const float* scale, float* y, int64_t M, int64_t K, int64_t N) {
@@ -147,7 +190,10 @@ void gemv_impl(const typename T::W* w, const typename T::X* xp, const float* x, 
       const float* xs = x_scale ? x_scale + m0 : nullptr;
       float* ym = y + m0 * N;
       switch (rows) {
-        case 1: rows_kernel<T, 1, 4>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
+        case 1:
+          if constexpr (T::kOneRowAtBatch1) one_row_kernel<T>(w, xm, x_plain, xs, scale, ym, K, begin, end);
+          else rows_kernel<T, 1, 4>(w, xm, x_plain, xs, scale, ym, K, N, begin, end);
+          break;
         case 2: rows_kernel<T, 2, 2>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
         case 3: rows_kernel<T, 3, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
         case 4: rows_kernel<T, 4, 1>(w, xm, x_plain, xs, scale, ym, K, N, begin, end); break;
