@@ -15,13 +15,14 @@ import hashlib
 import json
 import os
 import subprocess
-import tempfile
 import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from palm.files import write_atomically
 
 SOURCE = Path(__file__).with_name("kernels") / "bpe.cpp"
 OTHER, LETTER, NUMBER, SPACE, UNSURE = range(5)
@@ -214,7 +215,7 @@ def unicode_classes() -> np.ndarray:
             classes[cp] |= NFC_SENSITIVE
     classes[sorted(second_elements)] |= NFC_SENSITIVE
     try:
-        _atomic_write(path, lambda f: np.save(f, classes))
+        write_atomically(path, lambda tmp: _save_array(tmp, classes))
     except OSError:
         pass  # a cache that cannot be written costs a second next time, nothing more
     return classes
@@ -227,10 +228,9 @@ def _cache_dir() -> Path:
     return path
 
 
-def _atomic_write(path: Path, write) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=path.suffix) as f:
-        write(f)
-    os.replace(f.name, path)
+def _save_array(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # through a file object: np.save would append ".npy" to the name
+        np.save(f, array)
 
 
 @functools.cache
@@ -241,11 +241,9 @@ def _load_library() -> ctypes.CDLL | None:
         path = _cache_dir() / f"palm_bpe-{hashlib.sha256(source).hexdigest()[:16]}.so"
         if not path.exists():
             compiler = os.environ.get("CXX", "c++")
-            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                built = Path(tmp) / path.name
-                subprocess.run([compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", str(built)],
-                               check=True, capture_output=True, text=True)
-                os.replace(built, path)
+            write_atomically(path, lambda tmp: subprocess.run(
+                [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", tmp],
+                check=True, capture_output=True, text=True))
         library = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = e.stderr.strip().splitlines()[0] if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import Tensor
 
 from palm.config import PaLMConfig, canonical_name, get_config, preset_matching
 from palm.errors import PalmError
+from palm.files import write_atomically
 from palm.hub import hub_download
 from palm.model import PaLM, RotaryEmbedding
 
@@ -259,23 +259,10 @@ def save_state_dict(state: dict[str, Tensor], config: PaLMConfig, directory: str
     directory.mkdir(parents=True, exist_ok=True)
     # safetensors stores no aliases, so the tied output projection is left out (it is re-tied on load)
     state = {k: v.detach().contiguous() for k, v in strip_wrapper_prefixes(state).items() if k != "to_logits.weight"}
-    _write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    _write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json()))
+    write_atomically(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_atomically(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config.to_json()))
 
 
 def save_reference_checkpoint(model: PaLM, path: str | os.PathLike) -> None:
     """Write a `.pt` state dict that palm-rlhf-pytorch 0.2.1-0.2.3 loads with `load_state_dict`."""
-    _write_atomically(Path(path), lambda tmp: torch.save(model.state_dict(), tmp))
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write to a temporary file beside `path`, then rename it into place: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(Path(path), lambda tmp: torch.save(model.state_dict(), tmp))

@@ -132,20 +132,22 @@ class Encoder {
       int len;
       const uint8_t cls = class_at(text, i, &len);
       if (cls == kUnsure) return false;
-      int64_t j, last = i;
-      const char c = text[i];
-      if (c == '\'' && (j = contraction_end(text, i, end)) > i) {
-      } else if (c == ' ' && i + 1 < end && class_at(text, i + 1, &len) != kSpace) {
-        // " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+": a space joins the run after it
-        const uint8_t next = class_at(text, i + 1, &len);
+      int64_t last = i;
+      int64_t j = text[i] == '\'' ? contraction_end(text, i, end) : i;  // 's 't 're 've 'm 'll 'd
+      if (j == i) {
+        uint8_t next = kSpace;
+        if (text[i] == ' ' && i + 1 < end) next = class_at(text, i + 1, &len);
         if (next == kUnsure) return false;
-        j = run_end(text, i + 1, end, next, &last);
-      } else if (cls != kSpace) {
-        j = run_end(text, i, end, cls, &last);
-      } else {
-        j = run_end(text, i, end, kSpace, &last);
-        // \s+(?!\S): a run followed by other text leaves its last space to start the next piece
-        if (j < end && last > i) j = last;
+        if (next != kSpace) {
+          // " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+": a space joins the run after it
+          j = run_end(text, i + 1, end, next, &last);
+        } else if (cls != kSpace) {
+          j = run_end(text, i, end, cls, &last);
+        } else {
+          j = run_end(text, i, end, kSpace, &last);
+          // \s+(?!\S): a run followed by other text leaves its last space to start the next piece
+          if (j < end && last > i) j = last;
+        }
       }
       encode_piece(text + i, j - i, out);
       i = j;

@@ -30,7 +30,7 @@ using palm_simd::hsum;
 
 constexpr int64_t kStep = 32;  // weights of one row consumed per step
 
-constexpr int64_t kPrefetchRows = 4;  // one group ahead at batch 1 (4 rows per group)
+constexpr int64_t kPrefetchRows = 4;  // rows ahead in rows_kernel (one_row_kernel streams instead)
 
 // Fetch the weights one step consumes, kPrefetchRows rows ahead (prefetches never fault).
 template <typename W>
@@ -67,13 +67,17 @@ struct BF16 {
   using X = float;  // each block of 16 holds x's 8 even-indexed values, then its 8 odd-indexed ones
   using Acc = __m256;
   static Acc zero() { return _mm256_setzero_ps(); }
+  // The 16 bf16 weights at w as fp32: even-indexed ones in `even`, odd-indexed ones in `odd`.
+  static void widen(const W* w, __m256* even, __m256* odd) {
+    const __m256i raw = load256(w);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
   template <int M>
   static void step(const W* w, const X* x, int64_t K, Acc* acc) {
-    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     for (int h = 0; h < 2; ++h) {
-      __m256i raw = load256(w + 16 * h);
-      __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
-      __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+      __m256 even, odd;
+      widen(w + 16 * h, &even, &odd);
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * K + 16 * h), even, acc[m]);
@@ -83,11 +87,11 @@ struct BF16 {
   }
   // One row against one x (batch 1), even and odd elements in separate accumulators.
   static void step_one_row(const W* w, const X* x, Acc* acc) {
-    const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
     for (int h = 0; h < 2; ++h) {
-      __m256i raw = load256(w + 16 * h);
-      acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16 * h), _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16)), acc[0]);
-      acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16 * h + 8), _mm256_castsi256_ps(_mm256_and_si256(raw, high)), acc[1]);
+      __m256 even, odd;
+      widen(w + 16 * h, &even, &odd);
+      acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16 * h), even, acc[0]);
+      acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16 * h + 8), odd, acc[1]);
     }
   }
   static Acc add(Acc a, Acc b) { return _mm256_add_ps(a, b); }
@@ -102,10 +106,15 @@ struct I8 {
   using X = int16_t;
   using Acc = __m256i;
   static Acc zero() { return _mm256_setzero_si256(); }
+  // The 32 int8 weights at w as int16: the first 16 in `lo`, the next 16 in `hi`.
+  static void widen(const W* w, __m256i* lo, __m256i* hi) {
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+  }
   template <int M>
   static void step(const W* w, const X* x, int64_t K, Acc* acc) {
-    __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-    __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+    __m256i lo, hi;
+    widen(w, &lo, &hi);
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(lo, load256(x + m * K)));
@@ -113,8 +122,8 @@ struct I8 {
     }
   }
   static void step_one_row(const W* w, const X* x, Acc* acc) {
-    __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
-    __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16)));
+    __m256i lo, hi;
+    widen(w, &lo, &hi);
     acc[0] = _mm256_add_epi32(acc[0], _mm256_madd_epi16(lo, load256(x)));
     acc[1] = _mm256_add_epi32(acc[1], _mm256_madd_epi16(hi, load256(x + 16)));
   }
