@@ -8,8 +8,9 @@ dependencies = ["torch", "safetensors", "huggingface_hub"]
 
 import torch  # noqa: E402
 
-from palm.checkpoint import load, resolve_dtype  # noqa: E402
+from palm.checkpoint import load  # noqa: E402
 from palm.config import get_config  # noqa: E402
+from palm.dtypes import resolve_dtype  # noqa: E402
 from palm.model import PaLM  # noqa: E402
 
 

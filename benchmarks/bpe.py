@@ -25,8 +25,8 @@ from tokenizers import Tokenizer
 sys.path.insert(0, str(Path(__file__).parent))
 from build_dataset import make_corpus, train_tokenizer  # noqa: E402
 
-from palm.bpe import FastBPE  # noqa: E402
-from palm.train import stdlib_files  # noqa: E402
+from palm.data.documents import stdlib_files  # noqa: E402
+from palm.kernels.bpe import FastBPE  # noqa: E402
 
 
 def best_rate(encode, batches: list[list[str]], reset) -> tuple[float, int]:

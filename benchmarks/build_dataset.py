@@ -52,7 +52,7 @@ print(json.dumps({"tokens": tokens, "seconds": time.perf_counter() - start,
 
 OURS = r"""
 import json, sys, time
-from palm.dataset_builder import build_dataset
+from palm.data.build import build_dataset
 from palm.tokenizer import load_tokenizer
 
 corpus, tokenizer_file, seq_len, out, streaming = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"
@@ -73,7 +73,7 @@ def peak_rss():
 
 
 def make_corpus(directory: Path, copies: int) -> Path:
-    from palm.train import stdlib_files
+    from palm.data.documents import stdlib_files
 
     files = stdlib_files()
     path = directory / f"corpus-x{copies}.jsonl"
@@ -123,7 +123,7 @@ def main() -> None:
         tmp = Path(tmp)
         tokenizer = train_tokenizer(make_corpus(tmp, 1), tmp)
         # palm's native BPE encoder compiles on first use (about a second, once per machine): not timed
-        from palm.bpe import FastBPE
+        from palm.kernels.bpe import FastBPE
         from tokenizers import Tokenizer
 
         assert FastBPE.from_tokenizer(Tokenizer.from_file(str(tokenizer))) is not None

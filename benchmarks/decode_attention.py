@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from palm.kernels import decode_attention, load_cpu_kernels
+from palm.kernels.decode import decode_attention, load_cpu_kernels
 
 
 def best_time(fn, repeats: int = 5, calls: int = 200) -> float:

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 import palm
-from palm.kernels import gemv, load_cpu_kernels
-from palm.quantize import DecodeLinear, quantize, use_cpu_kernels
+from palm.inference.cpu import KernelLinear, decoding_view
+from palm.inference.quantization import quantize
+from palm.kernels.decode import gemv, load_cpu_kernels
 
 
 def best_seconds(fn, repeats: int) -> float:
@@ -55,8 +56,7 @@ def main() -> None:
             model.to(torch.bfloat16)
         elif dtype == "int8":
             quantize(model)
-        use_cpu_kernels(model)
-        layers = [m for m in model.modules() if isinstance(m, DecodeLinear)]
+        layers = [m for m in decoding_view(model).modules() if isinstance(m, KernelLinear)]
         inputs = [torch.randn(1, m.weight.shape[1]) for m in layers]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
         ours = nbytes / best_seconds(lambda: [gemv(x, m.weight, m.scale) for m, x in zip(layers, inputs)], 8)

@@ -19,10 +19,10 @@ import time
 import torch
 
 import palm
-from palm.checkpoint import resolve_dtype
-from palm.generate import stream
-from palm.kernels import gemv, load_cpu_kernels
-from palm.quantize import quantize
+from palm.dtypes import resolve_dtype
+from palm.inference.decoding import stream
+from palm.inference.quantization import quantize
+from palm.kernels.decode import gemv, load_cpu_kernels
 
 PROMPT_LEN = 16
 

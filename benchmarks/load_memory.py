@@ -60,7 +60,7 @@ def main() -> None:
     if not pt.exists():
         model = palm.PaLM(palm.get_config(args.preset))
         save_reference_checkpoint(model, pt)
-        model.save_pretrained(directory)
+        palm.save_pretrained(model, directory)
         del model
     size = pt.stat().st_size
     print(f"checkpoint: {pt} ({size / 2**30:.2f} GiB), torch {torch.__version__}, {torch.get_num_threads()} threads")

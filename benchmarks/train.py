@@ -23,8 +23,9 @@ import time
 import torch
 
 from palm.config import get_config
-from palm.config import TrainConfig
-from palm.train import flops_per_token, peak_flops, train
+from palm.training.config import TrainConfig
+from palm.training.metrics import flops_per_token, peak_flops
+from palm.training.pretrain import train
 
 
 def seed_tokens_per_sec(config, batch_size: int, seq_len: int, steps: int, precision: str, device: str) -> float:

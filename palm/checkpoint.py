@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from palm.config import PaLMConfig, canonical_name, get_config, preset_matching
+from palm.dtypes import resolve_dtype
 from palm.errors import PalmError
 from palm.files import write_atomically
 from palm.hub import hub_download
@@ -35,24 +36,9 @@ HUB_CHECKPOINTS = {
     "palm_2b_8k_v0": ("conceptofmind/palm-2b", "palm_2b_8k_v0.pt"),
 }
 
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
 # Prefixes added by DDP (`module.`) and torch.compile (`_orig_mod.`) when a wrapped model is saved.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A torch dtype from a name such as `bf16`, `fp16`, `fp32` (None stays None)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise PalmError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def load(

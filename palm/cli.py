@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from palm.dtypes import DTYPES
 from palm.errors import PalmError
 
 
@@ -69,23 +70,6 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({'palm-rlhf-pytorch .pt state dict' if as_reference else 'config.json + model.safetensors'})")
 
 
-class TextStreamer:
-    """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character cut in half; wait for the rest
-            return ""
-        new, self.printed = text[self.printed:], len(text)
-        return new
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     """Generate text from a prompt, streaming it to stdout."""
     import time
@@ -93,29 +77,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from palm.checkpoint import load
-    from palm.generate import check_sampling_options, stream
-    from palm.quantize import quantize
-    from palm.tokenizer import load_tokenizer
+    from palm.checks import check_at_least, check_vocabulary
+    from palm.inference.decoding import check_context, stream
+    from palm.inference.quantization import quantize
+    from palm.inference.sampling import check_sampling_options
+    from palm.tokenizer import TextStreamer, load_tokenizer
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise PalmError("empty prompt")
     check_sampling_options(args.temperature, args.filter_thres, args.top_k, args.top_p)
-    if args.num_samples < 1:
-        raise PalmError(f"--num_samples must be >= 1, got {args.num_samples}")
+    check_at_least("--num_samples", args.num_samples, 1)
     tokenizer = load_tokenizer(args.tokenizer)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load(args.checkpoint or args.model, device=device, dtype=args.dtype)
-    if tokenizer.vocab_size > model.config.num_tokens:
-        raise PalmError(
-            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.num_tokens}; use the tokenizer the model was trained with"
-        )
+    check_vocabulary(tokenizer, model.config.num_tokens)
     prompt_ids = torch.tensor(tokenizer.encode(prompt))
     if len(prompt_ids) == 0:
         raise PalmError("the prompt encodes to no tokens")
-    if len(prompt_ids) >= model.config.max_seq_len:
-        raise PalmError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {model.config.max_seq_len}")
+    check_context(len(prompt_ids), 0, model.config.max_seq_len)
     if args.max_new_tokens is not None:
         max_new = args.max_new_tokens
     else:
@@ -171,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_build_dataset(args: argparse.Namespace) -> None:
     """Tokenize a corpus, add EOS to every document and pack it into fixed-length parquet blocks."""
-    from palm.dataset_builder import build_dataset
+    from palm.data.build import build_dataset
     from palm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer, eos_token=args.eos_token)
@@ -191,8 +171,8 @@ def cmd_build_dataset(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     """Train (or fine-tune) a PaLM model; with no options, the tiny preset on Python's own source."""
-    from palm.config import TrainConfig
-    from palm.train import train
+    from palm.training.config import TrainConfig
+    from palm.training.pretrain import train
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "quiet")}
     train(TrainConfig.from_sources(args.config, overrides), progress=not args.quiet)
@@ -202,7 +182,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per `TrainConfig` field; unset flags stay None so the YAML file's values win."""
     import dataclasses
 
-    from palm.config import TrainConfig
+    from palm.training.config import TrainConfig
 
     helps = {
         "preset": "model preset to train from scratch (default: tiny)",
@@ -245,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)
     convert.add_argument("src", help=source_help)
     convert.add_argument("dst", help="a .pt path (reference format) or a directory (palm format)")
-    convert.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: keep)")
+    convert.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep)")
     convert.add_argument("--config", help=config_help)
     convert.add_argument("--overwrite", action="store_true", help="replace a model already at DST")
     convert.set_defaults(func=cmd_convert)
@@ -265,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top_p", type=float, help="nucleus sampling: keep the most likely tokens up to probability p")
     gen.add_argument("--seed", type=int, help="random seed for reproducible samples")
     gen.add_argument("--num_samples", type=int, default=1, help="samples to draw, as one batch (default: %(default)s)")
-    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="(default: %(default)s)")
+    gen.add_argument("--dtype", choices=DTYPES, default="fp32", help="(default: %(default)s)")
     gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     gen.add_argument("--quantize", choices=["int8"], help="weight-only int8 quantization")
     gen.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster per token)")

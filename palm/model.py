@@ -84,19 +84,26 @@ class SwiGLU(nn.Module):
         return F.silu(gate) * x
 
 
-class KVCache(nn.Module):
-    """Keys and values of one block for positions [0, max_len): one head each (multi-query)."""
+class KVCache:
+    """Keys and values of every block for `batch_size` sequences of up to `max_len` positions.
 
-    def __init__(self, batch_size: int, max_len: int, dim_head: int, dtype: torch.dtype, device=None):
-        super().__init__()
+    Multi-query attention stores one key head and one value head per block, (batch, 1, max_len,
+    dim_head) each. The cache lives outside the model (`PaLM.make_cache`, then `forward(...,
+    cache=cache)` fills it), so a model carries no decoding state between callers.
+    """
+
+    def __init__(self, depth: int, batch_size: int, max_len: int, dim_head: int, dtype: torch.dtype, device=None):
         shape = (batch_size, 1, max_len, dim_head)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
 
-    def update(self, positions: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        return self.k, self.v
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys[0].shape[2]
 
 
 class ParallelBlock(nn.Module):
@@ -125,12 +132,14 @@ class ParallelBlock(nn.Module):
         self.ff_out = nn.Sequential(
             SwiGLU(), nn.Dropout(config.ff_dropout), nn.Linear(config.ff_inner_dim, dim, bias=False)
         )
-        self.kv_cache: KVCache | None = None
         # Attention of a single query position over the cache (decoding), in SDPA's signature;
-        # `palm.quantize.use_cpu_kernels` swaps in a CPU kernel that skips the empty cache slots.
+        # `palm.prepare_for_decoding` swaps in a CPU kernel that skips the empty cache slots.
         self.single_query_attention = F.scaled_dot_product_attention
 
-    def forward(self, x: Tensor, rotary: tuple[Tensor, ...], positions: Tensor | None, attn_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rotary: tuple[Tensor, ...], attn_mask: Tensor | None,
+        kv_cache: tuple[Tensor, Tensor] | None, positions: Tensor | None,
+    ) -> Tensor:
         batch, n, _ = x.shape
         x = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
@@ -146,10 +155,12 @@ class ParallelBlock(nn.Module):
         q, k = apply_rotary(q, cos_q, sin_q), apply_rotary(k, cos_k, sin_k)
 
         is_causal = attn_mask is None
-        if positions is not None:  # decoding: store this step's keys/values, attend over the cache
-            k, v = self.kv_cache.update(positions, k, v)
+        if kv_cache is not None:  # decoding: store this step's keys/values, attend over the cache
+            cached_k, cached_v = kv_cache
+            cached_k.index_copy_(2, positions, k)
+            cached_v.index_copy_(2, positions, v)
             keys = attn_mask.shape[-1] if attn_mask is not None else n
-            k, v = k[:, :, :keys], v[:, :, :keys]
+            k, v = cached_k[:, :, :keys], cached_v[:, :, :keys]
         if n == 1:
             # One query per head against one shared key/value head: fold the heads into the query
             # axis, so attention reads the cached keys once instead of once per head.
@@ -196,24 +207,29 @@ class PaLM(nn.Module):
         """Share the input embedding with the output projection (call again after assigning weights)."""
         self.to_logits.weight = self.token_emb.weight
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, positions: Tensor | None = None, attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
         """Logits (b, n, vocab) for `tokens` (b, n).
 
         Without `positions`, the tokens are one causal sequence from position 0. With `positions`
-        (n,), the absolute positions of `tokens` (after `setup_caches`), their keys and values
-        are stored in the cache and they attend to cached positions [0, attn_mask.shape[-1]) as
-        the boolean `attn_mask` (b, 1, n, keys) allows; a None mask means a causal prefill from 0.
+        (n,), the absolute positions of `tokens`, and a `cache` (see `make_cache`): their keys and
+        values are stored in the cache and they attend to cached positions [0, attn_mask.shape[-1])
+        as the boolean `attn_mask` (b, 1, n, keys) allows; a None mask means a causal prefill from 0.
         """
         n = tokens.shape[1]
         if positions is None:
             # The reference centres the xPos exponent on the middle of the sequence; scores depend
             # only on position differences, so decoding may use absolute positions instead.
-            rotary = self.rotary_tables(torch.arange(n, device=tokens.device), xpos_offset=n // 2)
+            positions = torch.arange(n, device=tokens.device)
+            rotary = self.rotary_tables(positions, xpos_offset=n // 2)
         else:
             rotary = self.rotary_tables(positions, xpos_offset=0)
         x = self.token_emb(tokens)
-        for layer in self.layers:
-            x = layer(x, rotary, positions, attn_mask)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i])
+            x = layer(x, rotary, attn_mask, kv, positions)
         return self.to_logits(self.norm(x))
 
     def rotary_tables(self, positions: Tensor, xpos_offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -222,18 +238,11 @@ class PaLM(nn.Module):
         cos, sin, xpos = self.layers[0].fn.rotary_emb(positions, xpos_offset)
         return cos * xpos, sin * xpos, cos / xpos, sin / xpos
 
-    def setup_caches(self, batch_size: int, max_len: int) -> None:
-        """Allocate each block's key/value cache for `batch_size` sequences of up to `max_len` tokens."""
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty key/value cache for `batch_size` sequences of up to `max_len` tokens, in the
+        dtype and on the device of the model's weights."""
         weight = self.token_emb.weight
-        for layer in self.layers:
-            block = layer.fn
-            cache = block.kv_cache
-            if cache is None or cache.k.shape[0] != batch_size or cache.k.shape[2] < max_len or cache.k.dtype != weight.dtype:
-                block.kv_cache = KVCache(batch_size, max_len, self.config.dim_head, weight.dtype, weight.device)
-
-    def remove_caches(self) -> None:
-        for layer in self.layers:
-            layer.fn.kv_cache = None
+        return KVCache(self.config.depth, batch_size, max_len, self.config.dim_head, weight.dtype, weight.device)
 
     def loss(self, tokens: Tensor) -> Tensor:
         """Mean next-token cross entropy of `tokens` (b, n): predicts tokens[:, 1:] from tokens[:, :-1]."""
@@ -242,13 +251,6 @@ class PaLM(nn.Module):
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
-
-    def save_pretrained(self, directory) -> None:
-        """Write `config.json` and `model.safetensors` into `directory` (see `palm.checkpoint`)."""
-        from palm.checkpoint import save_pretrained
-
-        save_pretrained(self, directory)
-
 
 def next_token_loss(model: nn.Module, tokens: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross entropy of `model` (PaLM, or a wrapper around one such as DDP) predicting

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from palm.checks import require_eos
 from palm.errors import PalmError
 from palm.hub import hub_download
 
@@ -51,7 +52,7 @@ class HFTokenizer:
         self.name = name
         self.eos_id = eos_id
         self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
-        self._fast = _UNSET  # palm.bpe.FastBPE or None, made on first use
+        self._fast = _UNSET  # palm.kernels.bpe.FastBPE or None, made on first use
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -63,11 +64,10 @@ class HFTokenizer:
         """Ids of each text followed by EOS, concatenated, and each document's length (EOS included).
 
         Byte-level BPE tokenizers (GPT-2, GPT-NeoX, ...) go through palm's native encoder, which
-        gives the same ids several times faster (palm/bpe.py); others through `tokenizers`."""
-        if self.eos_id is None:
-            raise PalmError(f"tokenizer {self.name} has no end-of-text token; name one with --eos_token")
+        gives the same ids several times faster (palm/kernels/bpe.py); others through `tokenizers`."""
+        require_eos(self)
         if self._fast is _UNSET:
-            from palm.bpe import FastBPE
+            from palm.kernels.bpe import FastBPE
 
             self._fast = FastBPE.from_tokenizer(self._tokenizer)
         if self._fast is not None:
@@ -94,6 +94,24 @@ class HFTokenizer:
 
 
 Tokenizer = ByteTokenizer | HFTokenizer
+
+
+class TextStreamer:
+    """Turns token ids into text as they arrive, holding back an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def push(self, token: int) -> str:
+        """The text that `token` completes (empty while a multi-byte character is cut in half)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character cut in half; wait for the rest
+            return ""
+        new, self.printed = text[self.printed:], len(text)
+        return new
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *, eos_token: str | None = None) -> Tokenizer:

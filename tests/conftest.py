@@ -1,15 +1,25 @@
+import atexit
 import os
+import shutil
 import tempfile
 
 # Tests never talk to the Hugging Face Hub: set before huggingface_hub is imported anywhere.
 os.environ["HF_HUB_OFFLINE"] = "1"
 # datasets' Arrow cache of local parquet files goes to a scratch directory, not ~/.cache.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="palm-tests-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 SMALL = dict(num_tokens=97, dim=64, depth=2, heads=4, dim_head=16)
+
+
+@pytest.fixture(autouse=True)
+def run_in_a_scratch_directory(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty working directory of its own, so nothing it writes by a
+    relative path (a default `runs/...`, say) lands in the checkout; subprocesses inherit it."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 def reference_palm(seed: int = 0, **kwargs):

@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-import palm.bpe as bpe
+import palm.kernels.bpe as bpe
 from conftest import CORPUS, train_bpe
-from palm.bpe import FastBPE, unicode_classes
+from palm.kernels.bpe import FastBPE, unicode_classes
 
 # Pieces that exercise the GPT-2 split pattern: contractions (the pattern's are lower case only),
 # every kind of whitespace run, letters and numbers of many scripts, symbols, and the added tokens

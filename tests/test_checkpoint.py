@@ -37,7 +37,7 @@ def test_infer_config_from_shapes():
 def test_save_pretrained_round_trip(tmp_path, reference_checkpoint):
     path, _ = reference_checkpoint
     model = palm.load(path, config=PaLMConfig(**SMALL, max_seq_len=4096))
-    model.save_pretrained(tmp_path / "out")
+    palm.save_pretrained(model, tmp_path / "out")
     assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
     again = palm.load(tmp_path / "out")
     assert again.config == model.config
@@ -49,7 +49,7 @@ def test_save_pretrained_round_trip(tmp_path, reference_checkpoint):
 
 def test_reference_loads_what_we_export(tmp_path, reference_checkpoint):
     path, ref = reference_checkpoint
-    palm.load(path).save_pretrained(tmp_path / "ours")
+    palm.save_pretrained(palm.load(path), tmp_path / "ours")
     save_reference_checkpoint(palm.load(tmp_path / "ours"), tmp_path / "back.pt")
 
     fresh = reference_palm(seed=123)
@@ -141,7 +141,7 @@ def test_preset_offline_says_how_to_pass_a_local_file():
 
 def test_hub_repo_in_our_format(tmp_path, monkeypatch, reference_checkpoint):
     path, ref = reference_checkpoint
-    palm.load(path).save_pretrained(tmp_path / "repo")
+    palm.save_pretrained(palm.load(path), tmp_path / "repo")
     requested = []
 
     def fake_download(repo_id, filename):

@@ -89,7 +89,7 @@ def test_hubconf_entry_points():
 
 @pytest.fixture
 def tiny_bytes_model(tmp_path, trained_tiny):
-    trained_tiny.save_pretrained(tmp_path / "tiny")
+    palm.save_pretrained(trained_tiny, tmp_path / "tiny")
     return str(tmp_path / "tiny")
 
 

@@ -10,8 +10,9 @@ import torch
 from conftest import train_bpe
 from palm import PalmError, load_tokenizer
 from palm.cli import main
-from palm.data import BatchLoader, StreamingLoader, TokenData, Windows, eval_batches, make_loader, open_data
-from palm.dataset_builder import METADATA_NAME, build_dataset, token_dtype
+from palm.data.build import build_dataset
+from palm.data.loader import BatchLoader, StreamingLoader, TokenData, Windows, eval_batches, make_loader, open_data
+from palm.data.packed import METADATA_NAME, token_dtype
 
 WORDS = "the of and to in a is that for it as was with be by on not he I this are or his from at which".split()
 
@@ -188,7 +189,7 @@ def test_existing_output_is_kept_until_a_new_build_completes(bpe, corpus, tmp_pa
         return encode(texts)
 
     monkeypatch.setattr(bpe, "encode_documents", failing)
-    monkeypatch.setattr("palm.dataset_builder.DOCS_PER_BATCH", 100)
+    monkeypatch.setattr("palm.data.documents.DOCS_PER_BATCH", 100)
     with pytest.raises(KeyboardInterrupt):
         build_dataset(str(src), bpe, output=out, seq_len=32, overwrite=True, progress=False)
     monkeypatch.undo()

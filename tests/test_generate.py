@@ -3,11 +3,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import palm
 from palm import PaLM, PaLMConfig, PalmError
-from palm.generate import attention_mask, generate, sample, stream
-from palm.quantize import DecodeLinear, quantize, use_cpu_kernels
+from palm.inference.cpu import decoding_view, kernel_available
+from palm.inference.decoding import attention_mask, generate, stream
+from palm.inference.quantization import Int8Linear, quantize
+from palm.inference.sampling import sample
 
 from conftest import CORPUS, SMALL, reference_palm
 
@@ -23,22 +26,29 @@ def incremental_logits(model, tokens, prefill):
     """Logits of every position: prefill `prefill` tokens, then decode the rest one at a time."""
     batch, n = tokens.shape
     starts = torch.zeros(batch, dtype=torch.long)
-    model.setup_caches(batch, n)
+    cache = model.make_cache(batch, n)
     with torch.no_grad():
-        out = [model(tokens[:, :prefill], torch.arange(prefill), None)]
+        out = [model(tokens[:, :prefill], torch.arange(prefill), None, cache)]
         for i in range(prefill, n):
             position = torch.tensor([i])
-            out.append(model(tokens[:, i : i + 1], position, attention_mask(position, n, starts)))
-    model.remove_caches()
+            out.append(model(tokens[:, i : i + 1], position, attention_mask(position, n, starts), cache))
     return torch.cat(out, dim=1)
+
+
+def with_kernels(model, kernels: bool):
+    """`model`, or its decoding view through palm's CPU kernels (skipping where they cannot run)."""
+    if not kernels:
+        return model
+    if not kernel_available():
+        pytest.skip("palm's CPU kernels cannot run here (not x86 with AVX2, no compiler, or PALM_NO_KERNELS=1)")
+    return decoding_view(model)
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu-kernel"])
 @pytest.mark.parametrize("qk_rmsnorm", [False, True])
 def test_incremental_decoding_equals_full_forward(kernels, qk_rmsnorm):
     _, model = reference_loaded(qk_rmsnorm=qk_rmsnorm)
-    if kernels:
-        use_cpu_kernels(model)
+    model = with_kernels(model, kernels)
     tokens = torch.randint(0, SMALL["num_tokens"], (2, 300))
     with torch.no_grad():
         full = model(tokens)
@@ -48,9 +58,7 @@ def test_incremental_decoding_equals_full_forward(kernels, qk_rmsnorm):
 @pytest.mark.parametrize("kernels", [False, True], ids=["torch", "cpu-kernel"])
 def test_incremental_decoding_bf16(kernels):
     _, model = reference_loaded()
-    model.to(torch.bfloat16)
-    if kernels:
-        use_cpu_kernels(model)
+    model = with_kernels(model.to(torch.bfloat16), kernels)
     tokens = torch.randint(0, SMALL["num_tokens"], (1, 200))
     with torch.no_grad():
         full = model(tokens).float()
@@ -64,17 +72,15 @@ def test_no_overflow_in_bf16_at_16384_positions(kernels):
     # logits as the same four tokens at positions 0..3: attention depends on distances only.
     _, model = reference_loaded()
     model = PaLM(model.config.replace(max_seq_len=16384)).eval()
-    model.to(torch.bfloat16)
-    if kernels:
-        use_cpu_kernels(model)
+    model = with_kernels(model.to(torch.bfloat16), kernels)
     tokens = torch.randint(0, SMALL["num_tokens"], (1, 4))
-    model.setup_caches(1, 16384)
+    cache = model.make_cache(1, 16384)
     starts = torch.tensor([16380])
     with torch.no_grad():
         late = []
         for i in range(4):
             position = torch.tensor([16380 + i])
-            late.append(model(tokens[:, i : i + 1], position, attention_mask(position, 16384, starts)))
+            late.append(model(tokens[:, i : i + 1], position, attention_mask(position, 16384, starts), cache))
         late = torch.cat(late, dim=1).float()
         early = model(tokens).float()
     assert torch.isfinite(late).all()
@@ -187,7 +193,8 @@ def test_int8_stays_close_to_fp32(trained_tiny):
     # weight); over a dot product these errors mostly cancel, so logits move by ~1% of their
     # magnitude. Greedy choices can only flip where the top two logits are closer than that.
     quantized = quantize(copy.deepcopy(trained_tiny))
-    assert all(isinstance(m, DecodeLinear) and m.weight.dtype == torch.int8 for m in quantized.modules() if isinstance(m, DecodeLinear))
+    linears = [m for m in quantized.modules() if isinstance(m, (torch.nn.Linear, Int8Linear))]
+    assert linears and all(isinstance(m, Int8Linear) and m.weight.dtype == torch.int8 for m in linears)
     assert quantized.token_emb.weight.dtype == torch.float32
     text = torch.tensor([list(CORPUS[2000:2300].encode())])
     with torch.no_grad():
@@ -200,4 +207,44 @@ def test_int8_stays_close_to_fp32(trained_tiny):
     tokens = text[:, :60]
     with torch.no_grad():
         full = quantized(tokens)
-        assert (incremental_logits(quantized, tokens, prefill=9) - full).abs().max() <= 1e-4 * full.abs().max()
+        for decoder in (quantized, decoding_view(quantized)):
+            assert (incremental_logits(decoder, tokens, prefill=9) - full).abs().max() <= 1e-4 * full.abs().max()
+
+
+def model_state(model):
+    return ([(name, type(m)) for name, m in model.named_modules()], list(model.state_dict()),
+            [(n, p.requires_grad, p.dtype) for n, p in model.named_parameters()], model.training,
+            {n: b.data_ptr() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_generation_leaves_the_model_as_it_was(quantized):
+    """generate and stream, through the CPU kernels where they run, change nothing of the caller's
+    model: its modules, state dict, requires_grad flags, training mode and weights."""
+    _, model = reference_loaded()
+    if quantized:
+        quantize(model)
+    model.train()
+    model.token_emb.weight.requires_grad_(False)
+    before = model_state(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    generate(model, torch.tensor([1, 2, 3]), 10, temperature=0)
+    for _ in stream(model, [[4, 5], [6]], 5):
+        pass
+    palm.generate(model, torch.tensor([1, 2, 3]), 3)
+    assert model_state(model) == before
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_the_decoding_view_shares_the_models_weights(quantized):
+    _, model = reference_loaded()
+    if quantized:
+        quantize(model)
+    view = with_kernels(model, kernels=True)
+    assert any(type(m).__name__ == "KernelLinear" for m in view.modules())
+    ours, theirs = model.state_dict(), view.state_dict()
+    assert list(theirs) == list(ours)
+    assert all(theirs[k].data_ptr() == v.data_ptr() for k, v in ours.items())
+    assert not view.training and all(m.single_query_attention is not F.scaled_dot_product_attention
+                                     for m in view.modules() if hasattr(m, "single_query_attention"))

@@ -5,7 +5,7 @@ import torch
 
 import torch.nn.functional as F
 
-from palm.kernels import decode_attention, gemv, load_cpu_kernels
+from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 x86_avx2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
@@ -74,7 +74,7 @@ def test_decode_attention_far_apart_scores_and_no_visible_key():
 
 
 def test_single_query_attention_falls_back_to_pytorch_where_the_kernel_does_not_apply():
-    from palm.quantize import single_query_attention
+    from palm.inference.cpu import single_query_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 1, 4, 12), torch.randn(1, 1, 9, 12), torch.randn(1, 1, 9, 12)  # head dim 12

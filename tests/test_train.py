@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import CORPUS
-from palm import PaLM, PaLMConfig, PalmError, load
+from palm import PaLM, PaLMConfig, PalmError, load, save_pretrained
 from palm.cli import main
-from palm.optim import StableAdamW, learning_rate, parameter_groups
-from palm.config import TrainConfig
-from palm.train import complete_checkpoints, train
+from palm.training.checkpoints import complete_checkpoints
+from palm.training.config import TrainConfig
+from palm.training.optim import StableAdamW, learning_rate, parameter_groups
+from palm.training.pretrain import train
 
 SMALL_BYTES = PaLMConfig(num_tokens=257, dim=64, depth=2, heads=4, dim_head=16, max_seq_len=128)
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ def setup(tmp_path_factory):
     """A small random byte-level model and a text corpus of 20 files."""
     root = tmp_path_factory.mktemp("train")
     torch.manual_seed(0)
-    PaLM(SMALL_BYTES).save_pretrained(root / "init")
+    save_pretrained(PaLM(SMALL_BYTES), root / "init")
     lines = CORPUS.splitlines(keepends=True)
     (root / "corpus").mkdir()
     for i in range(20):
@@ -144,17 +145,17 @@ def test_run_directory(setup, uninterrupted):
 
 
 def test_resume_reproduces_the_uninterrupted_run(setup, uninterrupted, tmp_path, monkeypatch):
-    import palm.train
+    import palm.training.loop
 
     saves = []
-    real_save = palm.train.save_checkpoint
+    real_save = palm.training.loop.save_checkpoint
 
     def save_then_stop(*args, **kwargs):  # the run is interrupted right after its second checkpoint
         saves.append(real_save(*args, **kwargs))
         if len(saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(palm.train, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(palm.training.loop, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(setup, tmp_path)
     monkeypatch.undo()
@@ -172,24 +173,23 @@ def test_resume_reproduces_the_uninterrupted_run(setup, uninterrupted, tmp_path,
 
 KILL_DURING_SAVE = """
 import os, signal, sys
-import palm.checkpoint
-from palm.config import TrainConfig
-from palm.train import train
+import palm.training.pretrain as pretrain
+from palm.training.config import TrainConfig
 
-real, calls = palm.checkpoint.save_state_dict, []
+real, calls = pretrain.save_state_dict, []
 def save(state, config, directory):
     calls.append(directory)
     if len(calls) == 2:  # second checkpoint: accelerate's files are written, ours not yet
         os.kill(os.getpid(), signal.SIGKILL)
     real(state, config, directory)
-palm.checkpoint.save_state_dict = save
-train(TrainConfig(**{options}), progress=False)
+pretrain.save_state_dict = save
+pretrain.train(TrainConfig(**{options}), progress=False)
 """
 
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint(setup, uninterrupted, tmp_path):
     script = KILL_DURING_SAVE.replace("{options}", repr(options(setup, tmp_path)))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == -9, result.stderr[-2000:]
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000004"]
     assert (tmp_path / "checkpoints" / "step-000008.tmp").is_dir()  # the interrupted save, ignored
@@ -200,10 +200,10 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(setup, uninterrupt
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(setup, tmp_path, monkeypatch, capsys):
-    import palm.model
+    import palm.training.pretrain
 
     calls = 0
-    real = palm.model.next_token_loss
+    real = palm.training.pretrain.next_token_loss
 
     def loss(model, tokens, ignore_index=-100):
         nonlocal calls
@@ -211,7 +211,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(setup, tmp_path, monkeyp
         value = real(model, tokens, ignore_index)
         return value * float("nan") if calls in (3,) or calls > 6 else value
 
-    monkeypatch.setattr(palm.model, "next_token_loss", loss)
+    monkeypatch.setattr(palm.training.pretrain, "next_token_loss", loss)
     with pytest.raises(PalmError, match=r"not finite 5 steps in a row; last good checkpoint: .*step-000004"):
         run(setup, tmp_path, eval_every=100)
     out = capsys.readouterr().out
@@ -221,14 +221,14 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(setup, tmp_path, monkeyp
 
 
 def test_a_peak_measured_on_a_busy_machine_is_measured_again(setup, tmp_path, monkeypatch, capsys):
-    import palm.train
+    import palm.training.loop
 
     measured = [1.0, 1.0, 1e18]  # FLOP/s: twice far too low (contended), then plausible
 
     def peak_flops(device, precision):
         return measured.pop(0), "measured matmul"
 
-    monkeypatch.setattr(palm.train, "peak_flops", peak_flops)
+    monkeypatch.setattr(palm.training.loop, "peak_flops", peak_flops)
     run(setup, tmp_path, peak_tflops=None, eval_every=100)
     logs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ") and "MFU" in line]
     assert len(logs) == 3 and not measured  # start-up, then again at steps 4 and 8
@@ -238,7 +238,7 @@ def test_a_peak_measured_on_a_busy_machine_is_measured_again(setup, tmp_path, mo
 
 def test_bad_settings_are_one_clear_error(setup, tmp_path, capsys, monkeypatch):
     small_vocab = tmp_path / "small"
-    PaLM(PaLMConfig(num_tokens=97, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)).save_pretrained(small_vocab)
+    save_pretrained(PaLM(PaLMConfig(num_tokens=97, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)), small_vocab)
     with pytest.raises(PalmError, match="tokenizer bytes has 257 tokens but the model only 97"):
         run(setup, tmp_path / "a", init_from=str(small_vocab))
     with pytest.raises(PalmError, match="--seq_len 256 exceeds the model's max_seq_len 128"):
@@ -282,7 +282,7 @@ def free_port() -> int:
 
 
 def launch(command: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -367,7 +367,7 @@ def test_tensorboard_tracker_gets_the_logged_metrics(setup, tmp_path):
 
 
 def test_trains_on_a_built_dataset_and_its_validation_split(setup, tmp_path):
-    from palm.dataset_builder import build_dataset
+    from palm.data.build import build_dataset
     from palm.tokenizer import load_tokenizer
 
     build_dataset(str(setup / "corpus"), load_tokenizer("bytes"), output=tmp_path / "data", seq_len=128,
@@ -379,9 +379,9 @@ def test_trains_on_a_built_dataset_and_its_validation_split(setup, tmp_path):
 def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatch):
     import errno
 
-    import palm.checkpoint
+    import palm.training.pretrain
 
-    real, calls = palm.checkpoint.save_state_dict, []
+    real, calls = palm.training.pretrain.save_state_dict, []
 
     def save(state, config, directory):
         calls.append(directory)
@@ -389,7 +389,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(setup, tmp_path, monkeypatc
             raise OSError(errno.ENOSPC, "No space left on device")
         real(state, config, directory)
 
-    monkeypatch.setattr(palm.checkpoint, "save_state_dict", save)
+    monkeypatch.setattr(palm.training.pretrain, "save_state_dict", save)
     with pytest.raises(PalmError, match=r"could not write checkpoint .*step-000008 \(No space left on device\); .*step-000004 is intact"):
         run(setup, tmp_path)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000004"]

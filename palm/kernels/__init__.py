@@ -1,77 +1,92 @@
-"""Optional native kernels, compiled on first use with the local C++ compiler.
+"""palm's native code and its one loader.
 
-`load_cpu_kernels()` loads the AVX2 kernels for decoding behind two ops, `palm::gemv` (matrix-vector
-products, gemv.cpp) and `palm::decode_attention` (one query per head over a multi-query cache,
-attention.cpp), and says whether they can run: False where not x86, no AVX2, no compiler, or
-PALM_NO_KERNELS=1. Callers then fall back to PyTorch's matmul and attention.
+Everything here is compiled on first use with the local C++ compiler and cached under
+`$PALM_CACHE` (default `~/.cache/palm`), keyed by the sources' content, the compiler flags, the
+compiler's version and, for PyTorch ops, the torch and Python versions: several installs or
+versions of palm share a build when they agree and never rebuild each other's when they do not.
+A build prints one line. `PALM_NO_KERNELS=1` turns every kernel off; callers then use their
+pure-Python or PyTorch path.
+
+- `palm.kernels.decode`: PyTorch ops for decoding on x86 CPUs (gemv.cpp, attention.cpp).
+- `palm.kernels.bpe`: the byte-level BPE encoder for datasets (bpe.cpp, plain C ABI, no torch).
+
+This module imports no torch, so the dataset builder can use the encoder without it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import os
 import platform
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-import torch
+from palm.files import write_atomically
 
-torch.library.define("palm::gemv", "(Tensor x, Tensor weight, Tensor? scale) -> Tensor")
-
-
-@torch.library.register_fake("palm::gemv")
-def _(x, weight, scale):
-    return x.new_empty(x.shape[0], weight.shape[0])
+SOURCE_DIR = Path(__file__).parent
 
 
-torch.library.define("palm::decode_attention", "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor")
+def kernels_disabled() -> bool:
+    return os.environ.get("PALM_NO_KERNELS") == "1"
 
 
-@torch.library.register_fake("palm::decode_attention")
-def _(q, k, v, mask, scale):
-    return q.new_empty(q.shape)
+def cache_dir() -> Path:
+    """palm's cache directory (`$PALM_CACHE`, else `$XDG_CACHE_HOME/palm` or `~/.cache/palm`), created."""
+    root = os.environ.get("PALM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "palm")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """(x @ weight.T) * scale for a few fp32 rows `x`; weight fp32, bf16 or int8. Needs `load_cpu_kernels()`."""
-    return torch.ops.palm.gemv(x, weight, scale)
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Softmax attention of q (B, 1, H, D) over k, v (B, 1, N, D) where `mask` (B, 1, 1, N) is True,
-    fp32 or bf16; `F.scaled_dot_product_attention`'s result for these shapes. Needs `load_cpu_kernels()`."""
-    return torch.ops.palm.decode_attention(q, k, v, mask, scale)
+def compiler() -> str:
+    """The C++ compiler, as PyTorch's extension builder picks it."""
+    return os.environ.get("CXX", "c++")
 
 
 @functools.cache
-def load_cpu_kernels() -> bool:
-    if os.environ.get("PALM_NO_KERNELS") == "1":
-        return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return False
-    from torch.utils.cpp_extension import load
-
+def _compiler_version(command: str) -> str:
     try:
-        if not _is_built():
-            print("palm: building the CPU decode kernels (first use only)...", file=sys.stderr, flush=True)
-        load(
-            name="palm_kernels",
-            sources=[str(Path(__file__).with_name(source)) for source in ("gemv.cpp", "attention.cpp")],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no ninja, headers missing: decoding still works, slower
-        warnings.warn(f"palm: CPU decode kernels unavailable, using PyTorch matmul and attention ({str(e).splitlines()[0]})")
-        return False
-    return True
+        done = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    return done.stdout.splitlines()[0] if done.stdout else "unknown"
 
 
-def _is_built() -> bool:
-    from torch.utils.cpp_extension import _get_build_directory
+def build_key(sources: list[Path], flags: list[str], *extra: str) -> str:
+    """A short hash of everything a build depends on: sources (and the headers beside them), flags,
+    the compiler's version, and `extra` (e.g. the torch version)."""
+    digest = hashlib.sha256()
+    for path in [*sources, *sorted(SOURCE_DIR.glob("*.h"))]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in [*flags, compiler(), _compiler_version(compiler()), platform.machine(), *extra]:
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:16]
 
-    return any(Path(_get_build_directory("palm_kernels", verbose=False)).glob("*.so"))
+
+def announce_build(what: str) -> None:
+    print(f"palm: building {what} (first use only)...", file=sys.stderr, flush=True)
+
+
+def load_library(source_name: str, flags: list[str], what: str, fallback: str) -> ctypes.CDLL | None:
+    """A plain-C-ABI library built from `source_name` (in this directory), or None when kernels are
+    turned off or it cannot be built or loaded (no compiler, say): then one warning says `what` is
+    unavailable and the `fallback` taken instead."""
+    if kernels_disabled():
+        return None
+    source = SOURCE_DIR / source_name
+    try:
+        path = cache_dir() / f"{source.stem}-{build_key([source], flags)}.so"
+        if not path.exists():
+            announce_build(f"the {what}")
+            write_atomically(path, lambda tmp: subprocess.run(
+                [compiler(), *flags, "-shared", "-fPIC", str(source), "-o", tmp],
+                check=True, capture_output=True, text=True))
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = e.stderr.strip().splitlines()[0] if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+        warnings.warn(f"palm: {what} unavailable, {fallback} ({detail})")
+        return None

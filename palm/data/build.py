@@ -7,200 +7,26 @@ concatenating and cutting; `palm_dataset.json` describes it and is written last.
 
 from __future__ import annotations
 
-import csv
-import glob
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from palm.checks import check_seq_len, require_eos
+from palm.data.documents import hub_documents, local_files, read_documents, shuffle_documents
+from palm.data.packed import METADATA_NAME, Packer, token_dtype
 from palm.errors import PalmError
 
-METADATA_NAME = "palm_dataset.json"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 SPLITS = ("train", "validation")
-DOCS_PER_BATCH = 1000
-BATCH_CHARS = 1 << 20
 SHARD_TOKENS = 1 << 27  # about 256 MB of uint16 per parquet shard
 ROW_GROUP_TOKENS = 1 << 20
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading documents
-
-
-def local_files(spec: str) -> list[Path] | None:
-    """The text files `spec` names (a file, a directory, or a glob), or None if it names nothing local."""
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise PalmError(f"{spec} holds no {'/'.join(TEXT_SUFFIXES)} files")
-        return files
-    if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
-        if not files:
-            raise PalmError(f"no files match {spec}")
-        return files
-    if spec.startswith((".", "/", "~")) or Path(spec).suffix in TEXT_SUFFIXES:
-        raise PalmError(f"{spec}: no such file or directory")
-    return None
-
-
-def read_documents(
-    files: list[Path], text_column: str = "text", encoding_errors: str = "strict"
-) -> Iterator[list[str]]:
-    """Documents from local files in order, in batches (see `batched`).
-
-    A `.txt` file (or any file of another type) is one document; `.jsonl`/`.json`/`.csv`/`.parquet`
-    rows are documents, read from `text_column`. Files are streamed, so memory does not grow with
-    the corpus.
-    """
-    documents = (text for path in files for text in _documents_in(path, text_column, encoding_errors))
-    return batched(text for text in documents if text)
-
-
-def batched(documents: Iterable[str]) -> Iterator[list[str]]:
-    """Lists of up to DOCS_PER_BATCH documents and about BATCH_CHARS characters: large enough for
-    the tokenizer's threads, small enough that memory stays flat whatever the document sizes."""
-    batch: list[str] = []
-    chars = 0
-    for document in documents:
-        batch.append(document)
-        chars += len(document)
-        if len(batch) == DOCS_PER_BATCH or chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-def _documents_in(path: Path, text_column: str, errors: str) -> Iterator[str]:
-    suffix = path.suffix
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            parquet = pq.ParquetFile(path)
-            _check_column(path, text_column, parquet.schema_arrow.names)
-            for batch in parquet.iter_batches(columns=[text_column], batch_size=DOCS_PER_BATCH):
-                yield from (t for t in batch.column(0).to_pylist() if t is not None)
-        elif suffix in (".jsonl", ".json"):
-            yield from _json_documents(path, text_column, errors)
-        elif suffix == ".csv":
-            with open(path, encoding="utf-8", errors=errors, newline="") as f:
-                reader = csv.DictReader(f)
-                _check_column(path, text_column, reader.fieldnames or [])
-                yield from (row[text_column] for row in reader if row[text_column])
-        else:  # .txt, or any other file named explicitly (source code, ...): one document
-            yield path.read_bytes().decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise PalmError(
-            f"{path}: not valid UTF-8 at byte {e.start}; pass --encoding_errors replace to substitute U+FFFD"
-        ) from None
-
-
-def _json_documents(path: Path, text_column: str, errors: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors=errors) as f:
-        first = f.read(1)
-        while first.isspace():
-            first = f.read(1)
-        f.seek(0)
-        if first == "[":  # one JSON array of records
-            rows = json.load(f)
-        else:  # JSON lines
-            rows = (json.loads(line) for line in f if line.strip())
-        for number, row in enumerate(rows, 1):
-            if not isinstance(row, dict):
-                raise PalmError(f"{path}: record {number} is a {type(row).__name__}, not an object with a {text_column!r} field")
-            _check_column(f"{path} record {number}", text_column, list(row))
-            if row[text_column]:
-                yield row[text_column]
-
-
-def _check_column(where: Path | str, column: str, columns: list[str]) -> None:
-    if column not in columns:
-        raise PalmError(f"{where} has no column {column!r}; its columns are {', '.join(columns)} (use --text_column)")
-
-
-def hub_documents(name: str, split: str, text_column: str, streaming: bool, seed: int | None) -> Iterator[list[str]]:
-    """Documents of a Hugging Face dataset; shuffled with `seed` (a buffer of 10k when streaming)."""
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(name, split=split, streaming=streaming)
-    except Exception as e:  # datasets raises many types for missing/unreachable repos
-        raise PalmError(f"dataset {name!r} (split {split!r}): {str(e).splitlines()[0]}") from None
-    columns = list(ds.features) if ds.features else []
-    if columns and text_column not in columns:
-        raise PalmError(f"dataset {name!r} has no column {text_column!r}; its columns are {', '.join(columns)}")
-    if seed is not None:
-        ds = ds.shuffle(seed=seed, buffer_size=10_000) if streaming else ds.shuffle(seed=seed)
-    batches = ds.select_columns([text_column]).iter(batch_size=DOCS_PER_BATCH)
-    yield from batched(t for batch in batches for t in batch[text_column] if t)
-
-
-def shuffle_documents(batches: Iterable[list[str]], seed: int, buffer_size: int | None) -> Iterator[list[str]]:
-    """Shuffle documents: all of them (buffer_size None, holds the corpus in memory) or through a
-    buffer of `buffer_size` documents (streaming: constant memory, approximate shuffle)."""
-    rng = np.random.default_rng(seed)
-    if buffer_size is None:
-        documents = [d for batch in batches for d in batch]
-        yield from batched(documents[i] for i in rng.permutation(len(documents)))
-        return
-    yield from batched(_buffer_shuffle((d for batch in batches for d in batch), rng, buffer_size))
-
-
-def _buffer_shuffle(documents: Iterable[str], rng: np.random.Generator, buffer_size: int) -> Iterator[str]:
-    buffer: list[str] = []
-    for document in documents:
-        if len(buffer) < buffer_size:
-            buffer.append(document)
-            continue
-        i = int(rng.integers(buffer_size))
-        yield buffer[i]
-        buffer[i] = document
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing and writing
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned integer type that holds every id below `vocab_size`."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size - 1 <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
-
-
-class Packer:
-    """Concatenates token arrays and cuts them into rows of exactly `seq_len`; the remainder
-    carries over to the next call, so only the final partial row (`tail`) is ever dropped."""
-
-    def __init__(self, seq_len: int, dtype: np.dtype):
-        self.seq_len = seq_len
-        self.carry = np.empty(0, dtype=dtype)
-
-    def add(self, tokens: np.ndarray) -> np.ndarray:
-        stream = np.concatenate([self.carry, tokens.astype(self.carry.dtype, copy=False)])
-        n_rows = len(stream) // self.seq_len
-        self.carry = stream[n_rows * self.seq_len :].copy()
-        return stream[: n_rows * self.seq_len].reshape(n_rows, self.seq_len)
-
-    @property
-    def tail(self) -> int:
-        return len(self.carry)
 
 
 class ShardWriter:
@@ -297,16 +123,14 @@ def build_dataset(
     directory beside `output` that replaces it only once complete, so an interrupted or failed
     build leaves what was there before untouched.
     """
-    if seq_len < 2:
-        raise PalmError(f"--seq_len must be at least 2, got {seq_len}")
+    check_seq_len(seq_len)
     if val_docs and val_fraction:
         raise PalmError("give --val_docs or --val_fraction, not both")
     if not 0 <= val_fraction < 1:
         raise PalmError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     if output is None and push_to is None:
         raise PalmError("give --output DIR and/or --push_to REPO")
-    if tokenizer.eos_id is None:
-        raise PalmError(f"tokenizer {tokenizer.name} has no end-of-text token; name one with --eos_token")
+    require_eos(tokenizer)
     output = Path(output) if output is not None else None
     if output is not None:
         _check_output(output, overwrite)

@@ -3,62 +3,17 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from palm.errors import PalmError
-from palm.model import PaLM
-from palm.quantize import use_cpu_kernels
+from palm.inference.cpu import decoding_view
+from palm.inference.sampling import check_sampling_options, sample
+from palm.model import KVCache, PaLM
 
 Prompts = Tensor | Sequence[Sequence[int]] | Sequence[Tensor]
-
-
-def sample(
-    logits: Tensor,
-    *,
-    temperature: float = 0.8,
-    filter_thres: float | None = 0.9,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Draw one token id per row of `logits` (b, vocab).
-
-    `temperature` 0 is greedy. `filter_thres` keeps the top ceil((1 - filter_thres) * vocab) logits
-    (the seed's meaning); `top_k`, when given, sets that count instead. `top_p` then keeps the
-    smallest set of tokens whose probability reaches p (nucleus sampling).
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    k = top_k if top_k is not None else (math.ceil((1 - filter_thres) * logits.shape[-1]) if filter_thres else None)
-    if k is not None and k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    # argmax(p / E) with E ~ Exponential(1) draws from p (a Gumbel-max trick) without a host sync.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / noise).argmax(dim=-1)
-
-
-def check_sampling_options(temperature: float, filter_thres: float | None, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise PalmError(f"temperature must be >= 0, got {temperature}")
-    if filter_thres is not None and not 0 <= filter_thres < 1:
-        raise PalmError(f"filter_thres must be in [0, 1), got {filter_thres}")
-    if top_k is not None and top_k < 1:
-        raise PalmError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise PalmError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def prompt_rows(prompts: Prompts) -> list[Tensor]:
@@ -96,9 +51,20 @@ def attention_mask(query_positions: Tensor, keys: int, starts: Tensor) -> Tensor
     return (causal & (real_key | itself))[:, None]
 
 
-def decode_step(model: PaLM, tokens: Tensor, position: Tensor, starts: Tensor, keys: int) -> Tensor:
+def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """One PalmError when a prompt, or the prompt and the tokens to add, exceed the model's context."""
+    if prompt_len >= max_seq_len:
+        raise PalmError(f"the prompt is {prompt_len} tokens; the model's context is {max_seq_len}")
+    if prompt_len + max_new_tokens > max_seq_len:
+        raise PalmError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"context of {max_seq_len} tokens"
+        )
+
+
+def decode_step(model: PaLM, cache: KVCache, tokens: Tensor, position: Tensor, starts: Tensor, keys: int) -> Tensor:
     """Logits (b, vocab) for one new token per sequence at `position` (1,), attending to cached keys [0, keys)."""
-    return model(tokens, position, attention_mask(position, keys, starts))[:, -1]
+    return model(tokens, position, attention_mask(position, keys, starts), cache)[:, -1]
 
 
 @functools.cache
@@ -134,31 +100,28 @@ def stream(
     of different lengths (left-padded internally). A sequence that has produced `eos_token_id`
     yields `eos_token_id` from then on; the stream ends when all have, or after `max_new_tokens`.
     `compile=True` decodes through `compiled_decode_step` (worth it for long generations: the
-    first call compiles for tens of seconds).
+    first call compiles for tens of seconds). On x86 CPUs the model runs through palm's kernels
+    (see `palm.inference.cpu.decoding_view`); `model` itself is never changed.
     """
     check_sampling_options(temperature, filter_thres, top_k, top_p)
     device = model.token_emb.weight.device
     tokens, starts = left_pad(prompt_ids, device)
     batch, prompt_len = tokens.shape
-    total = prompt_len + max_new_tokens
-    if total > model.config.max_seq_len:
-        raise PalmError(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context of {model.config.max_seq_len} tokens"
-        )
+    check_context(prompt_len, max_new_tokens, model.config.max_seq_len)
     if max_new_tokens <= 0:
         return
     if (tokens >= model.config.num_tokens).any() or (tokens < 0).any():
         raise PalmError(f"prompt has token ids outside the model's vocabulary [0, {model.config.num_tokens})")
 
-    use_cpu_kernels(model)
-    model.setup_caches(batch, total)
+    total = prompt_len + max_new_tokens
+    decoder = decoding_view(model)
+    cache = decoder.make_cache(batch, total)
     options = dict(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p, generator=generator)
 
     positions = torch.arange(prompt_len, device=device)
     padded = bool(starts.any())
     mask = attention_mask(positions, prompt_len, starts) if padded else None
-    logits = model(tokens, positions, mask)[:, -1]
+    logits = decoder(tokens, positions, mask, cache)[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         next_token = sample(logits, **options)
@@ -169,7 +132,7 @@ def stream(
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
         step_fn = compiled_decode_step(device.type) if compile else decode_step  # set up after the first token
-        logits = step_fn(model, next_token[:, None], positions.new_tensor([prompt_len + step]), starts, total)
+        logits = step_fn(decoder, cache, next_token[:, None], positions.new_tensor([prompt_len + step]), starts, total)
 
 
 def generate(

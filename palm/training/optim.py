@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from palm.config import OPTIMIZERS, SCHEDULES
+from palm.training.config import OPTIMIZERS, SCHEDULES
 from palm.errors import PalmError
 
 

@@ -2,9 +2,10 @@
 exactly the ids of Hugging Face `tokenizers`, several times faster, for building datasets.
 
 `FastBPE.from_tokenizer` returns None for a tokenizer it cannot reproduce (another pre-tokenizer
-or normalizer, BPE dropout, strip options on added tokens, ...), or where the C++ compiler is
-missing; callers then use the tokenizer itself. Documents holding a character the encoder cannot
-classify exactly (see palm/kernels/bpe.cpp) are encoded by the tokenizer too.
+or normalizer, BPE dropout, strip options on added tokens, ...), or where bpe.cpp cannot be built
+(no C++ compiler, PALM_NO_KERNELS=1; see `palm.kernels`); callers then use the tokenizer
+itself. Documents holding a character the encoder cannot classify exactly (see bpe.cpp) are
+encoded by the tokenizer too.
 """
 
 from __future__ import annotations
@@ -12,19 +13,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import inspect
 import json
 import os
-import subprocess
 import unicodedata
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 
 from palm.files import write_atomically
+from palm.kernels import cache_dir, load_library
 
-SOURCE = Path(__file__).with_name("kernels") / "bpe.cpp"
 OTHER, LETTER, NUMBER, SPACE, UNSURE = range(5)
 NFC_SENSITIVE = 0x80
 MIN_BYTES_PER_THREAD = 1 << 16
@@ -46,8 +45,6 @@ class FastBPE:
     @classmethod
     def from_tokenizer(cls, tokenizer) -> FastBPE | None:
         """A fast encoder equivalent to `tokenizer` (a `tokenizers.Tokenizer`), or None."""
-        if os.environ.get("PALM_NO_KERNELS") == "1":
-            return None
         if getattr(tokenizer, "encode_special_tokens", False):  # special tokens in text left as text
             return None
         spec = _spec(json.loads(tokenizer.to_str()))
@@ -189,7 +186,9 @@ def unicode_classes() -> np.ndarray:
     """Per code point: its class in the GPT-2 split pattern (letter, number, whitespace as the regex
     engine of `tokenizers` defines \\s, other; UNSURE where Python's Unicode tables leave it unassigned)
     plus NFC_SENSITIVE where NFC could change text holding it. Cached on disk (a second to build)."""
-    path = _cache_dir() / f"unicode-classes-{unicodedata.unidata_version}.npy"
+    # keyed by the Unicode version and this function's own code, so an edit to it is never masked
+    code = inspect.getsource(unicode_classes) + repr((OTHER, LETTER, NUMBER, SPACE, UNSURE, NFC_SENSITIVE))
+    path = cache_dir() / f"unicode-classes-{unicodedata.unidata_version}-{hashlib.sha256(code.encode()).hexdigest()[:12]}.npy"
     try:
         return np.load(path)
     except (OSError, ValueError):
@@ -221,13 +220,6 @@ def unicode_classes() -> np.ndarray:
     return classes
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("PALM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "palm")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def _save_array(path: str, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # through a file object: np.save would append ".npy" to the name
         np.save(f, array)
@@ -235,19 +227,9 @@ def _save_array(path: str, array: np.ndarray) -> None:
 
 @functools.cache
 def _load_library() -> ctypes.CDLL | None:
-    """The compiled encoder, built on first use with the system C++ compiler (about a second)."""
-    source = SOURCE.read_bytes()
-    try:
-        path = _cache_dir() / f"palm_bpe-{hashlib.sha256(source).hexdigest()[:16]}.so"
-        if not path.exists():
-            compiler = os.environ.get("CXX", "c++")
-            write_atomically(path, lambda tmp: subprocess.run(
-                [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", tmp],
-                check=True, capture_output=True, text=True))
-        library = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = e.stderr.strip().splitlines()[0] if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
-        warnings.warn(f"palm: native BPE encoder unavailable, using the tokenizer's own ({detail})")
+    """The compiled encoder (about a second to build), or None: the tokenizer's own is used then."""
+    library = load_library("bpe.cpp", ["-O2", "-std=c++17"], "native BPE encoder", "using the tokenizer's own")
+    if library is None:
         return None
     library.palm_bpe_new.restype = ctypes.c_void_p
     library.palm_bpe_new.argtypes = [ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,

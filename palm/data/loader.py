@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palm.dataset_builder import METADATA_NAME, Packer, local_files, read_documents, token_dtype
+from palm.data.documents import local_files, read_documents
+from palm.data.packed import METADATA_NAME, Packer, token_dtype
 from palm.errors import PalmError
 
 

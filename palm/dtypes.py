@@ -1,0 +1,36 @@
+"""The one table of floating-point types palm accepts by name (`--dtype`, `--precision`, `dtype=`).
+
+Imports torch only when a name is turned into a torch dtype, so the CLI can list the choices
+without loading it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from palm.errors import PalmError
+
+if TYPE_CHECKING:
+    import torch
+
+# short name -> the torch attribute; the short names are the CLI's choices
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# torch's own names are accepted too
+_ALIASES = {torch_name: short for short, torch_name in DTYPES.items()}
+
+
+def dtype_name(dtype: str) -> str:
+    """The short name (`fp32`, `bf16`, `fp16`) for a short or torch-style name."""
+    name = _ALIASES.get(dtype, dtype)
+    if name not in DTYPES:
+        raise PalmError(f"unknown dtype {dtype!r}; choose one of: {', '.join([*DTYPES, *_ALIASES])}")
+    return name
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from a name such as `bf16`, `fp16`, `fp32`, `float32` (None stays None)."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return getattr(torch, DTYPES[dtype_name(dtype)])
