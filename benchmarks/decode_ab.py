@@ -1,0 +1,58 @@
+"""Decode rate of whichever palm is importable, for A/B runs of two checkouts on one machine.
+
+    PYTHONPATH=/path/to/other/checkout .venv/bin/python benchmarks/decode_ab.py fp32,bf16,int8 [--compile] [--batches 1 8]
+
+150m preset shape, random weights, a 16-token prompt, greedy; prints the best of four runs of
+`stream` per dtype and batch size (the decode rate, prefill excluded). Alternate the two
+checkouts several times: on a shared machine the best of each is the fair comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+import palm
+
+try:  # the layout before and after the structure change (issue 12)
+    from palm.inference.decoding import stream
+    from palm.inference.quantization import quantize
+except ImportError:
+    from palm.generate import stream
+    from palm.quantize import quantize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dtypes", help="comma-separated: fp32, bf16, int8")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new_tokens", type=int, default=64)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = palm.PaLM(palm.get_config("150m")).eval()
+    rows = []
+    for dtype in args.dtypes.split(","):
+        model = copy.deepcopy(base)
+        if dtype == "int8":
+            quantize(model)
+        elif dtype == "bf16":
+            model.to(torch.bfloat16)
+        for batch in args.batches:
+            prompt = torch.randint(0, base.config.num_tokens, (batch, 16))
+            best = 0.0
+            for _ in range(4):
+                count, first = 0, None
+                for _ in stream(model, prompt, args.new_tokens, temperature=0, compile=args.compile):
+                    first = first or time.perf_counter()
+                    count += 1
+                best = max(best, (count - 1) / (time.perf_counter() - first))
+            rows.append(f"{dtype} b{batch} {best:.1f}")
+    print(f"{palm.__file__}: " + " | ".join(rows))
+
+
+if __name__ == "__main__":
+    main()
