@@ -6,7 +6,7 @@
 Corpus: JSON lines, one document per Python standard-library source file (the corpus of
 `palm train`'s default run, 12 MB), repeated to make the larger size. Tokenizer: a byte-level BPE
 with 8,192 tokens trained here on the same files (no Hub access needed). palm encodes it with its
-native encoder (palm/bpe.py, same ids as `tokenizers`); the last row per size uses `tokenizers`. Every row runs in a fresh process with an empty datasets cache; peak memory is
+native encoder (palm/kernels/bpe.py, same ids as `tokenizers`); the last row per size uses `tokenizers`. Every row runs in a fresh process with an empty datasets cache; peak memory is
 that process's peak resident set (VmHWM).
 
 The seed approach, as its build_dataset.py does it: `datasets.load_dataset`, then `Dataset.map`

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import palm
-from palm.inference.cpu import KernelLinear, decoding_view
+from palm.inference.cpu import KernelLinear, swap_in_kernels
 from palm.inference.quantization import quantize
 from palm.kernels.decode import gemv, load_cpu_kernels
 
@@ -56,7 +56,7 @@ def main() -> None:
             model.to(torch.bfloat16)
         elif dtype == "int8":
             quantize(model)
-        layers = [m for m in decoding_view(model).modules() if isinstance(m, KernelLinear)]
+        layers = [m for m in swap_in_kernels(model).modules() if isinstance(m, KernelLinear)]
         inputs = [torch.randn(1, m.weight.shape[1]) for m in layers]
         nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
         ours = nbytes / best_seconds(lambda: [gemv(x, m.weight, m.scale) for m, x in zip(layers, inputs)], 8)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import palm
 from palm import PaLM, PaLMConfig, PalmError
-from palm.inference.cpu import decoding_view, kernel_available
-from palm.inference.decoding import attention_mask, generate, stream
+from palm.inference.cpu import kernel_available
+from palm.inference.decoding import attention_mask, decoding_view, generate, stream
 from palm.inference.quantization import Int8Linear, quantize
 from palm.inference.sampling import sample
 

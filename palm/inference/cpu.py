@@ -1,20 +1,18 @@
 """Fast decoding on x86 CPUs: palm's GEMV and attention kernels behind a model's usual modules.
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth.
-`decoding_view(model)` returns a model that shares every weight of `model` (no copies; the
-caller's model is left as it was) and routes small-batch CPU matmuls to palm's GEMV kernel
-(fp32, bf16 and int8 weights) and single-query attention to palm's attention kernel.
+`swap_in_kernels` routes a model's small-batch CPU matmuls to palm's GEMV kernel (fp32, bf16 and
+int8 weights) and its single-query attention to palm's attention kernel. Generation applies it to
+a view of the caller's model (`palm.inference.decoding.decoding_view`), never to the model itself.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from palm.inference.quantization import Int8Linear
+from palm.inference.quantization import Int8Linear, int8_linear
 from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 # More rows than this and a real matrix multiply (prefill) beats streaming the weights per row.
@@ -40,7 +38,7 @@ class KernelLinear(nn.Module):
             y = gemv(x.reshape(rows, -1).float().contiguous(), self.weight, self.scale)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         if self.scale is not None:
-            return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+            return int8_linear(x, self.weight, self.scale)
         return F.linear(x, self.weight)
 
 
@@ -65,26 +63,19 @@ def kernel_available() -> bool:
     return load_cpu_kernels()
 
 
-def decoding_view(model: nn.Module) -> nn.Module:
-    """An eval-mode view of `model` for decoding: it shares every parameter and buffer with `model`
-    (a change to the weights of either shows in both) but has module objects of its own, so
-    `model` stays exactly as it was.
-
-    On the CPU, where palm's kernels run (x86 with AVX2, a C++ compiler, PALM_NO_KERNELS unset),
-    the view's bias-free linear layers send small batches to the GEMV kernel and its single-query
-    attention goes to the attention kernel.
-    """
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    view = copy.deepcopy(model, memo=shared).eval()
+def swap_in_kernels(model: nn.Module) -> nn.Module:
+    """Replace `model`'s bias-free linear layers (fp32, bf16, int8) by `KernelLinear`s over the same
+    weights and its single-query attention by the kernel's, in place; returns `model`. A no-op where
+    the kernels cannot run (not on the CPU, not x86 with AVX2, no compiler, PALM_NO_KERNELS=1)."""
     if next(model.parameters()).device.type != "cpu" or not kernel_available():
-        return view
-    for parent in list(view.modules()):
+        return model
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
                 setattr(parent, name, KernelLinear(child.weight))
             elif isinstance(child, Int8Linear):
                 setattr(parent, name, KernelLinear(child.weight, child.scale))
-    for module in view.modules():
+    for module in model.modules():
         if hasattr(module, "single_query_attention"):
             module.single_query_attention = single_query_attention
-    return view
+    return model

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from palm.errors import PalmError
-from palm.inference.cpu import decoding_view
+from palm.inference.cpu import swap_in_kernels
 from palm.inference.sampling import check_sampling_options, sample
 from palm.model import KVCache, PaLM
 
@@ -53,13 +54,22 @@ def attention_mask(query_positions: Tensor, keys: int, starts: Tensor) -> Tensor
 
 def check_context(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
     """One PalmError when a prompt, or the prompt and the tokens to add, exceed the model's context."""
-    if prompt_len >= max_seq_len:
+    if prompt_len > max_seq_len or (prompt_len == max_seq_len and max_new_tokens > 0):
         raise PalmError(f"the prompt is {prompt_len} tokens; the model's context is {max_seq_len}")
     if prompt_len + max_new_tokens > max_seq_len:
         raise PalmError(
             f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
             f"context of {max_seq_len} tokens"
         )
+
+
+def decoding_view(model: nn.Module) -> nn.Module:
+    """An eval-mode view of `model` for decoding: it shares every parameter and buffer with `model`
+    (a change to the weights of either shows in both) but has module objects of its own, so that
+    `model` stays exactly as it was. On the CPU the view runs on palm's kernels where they can
+    (`palm.inference.cpu.swap_in_kernels`)."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return swap_in_kernels(copy.deepcopy(model, memo=shared).eval())
 
 
 def decode_step(model: PaLM, cache: KVCache, tokens: Tensor, position: Tensor, starts: Tensor, keys: int) -> Tensor:
@@ -100,8 +110,8 @@ def stream(
     of different lengths (left-padded internally). A sequence that has produced `eos_token_id`
     yields `eos_token_id` from then on; the stream ends when all have, or after `max_new_tokens`.
     `compile=True` decodes through `compiled_decode_step` (worth it for long generations: the
-    first call compiles for tens of seconds). On x86 CPUs the model runs through palm's kernels
-    (see `palm.inference.cpu.decoding_view`); `model` itself is never changed.
+    first call compiles for tens of seconds). The model runs through a view of it (see
+    `decoding_view`), on palm's kernels on x86 CPUs; `model` itself is never changed.
     """
     check_sampling_options(temperature, filter_thres, top_k, top_p)
     device = model.token_emb.weight.device
@@ -116,6 +126,9 @@ def stream(
     total = prompt_len + max_new_tokens
     decoder = decoding_view(model)
     cache = decoder.make_cache(batch, total)
+    if compile:  # written in place every step: static inputs, so that CUDA graphs can capture them
+        for tensor in (*cache.keys, *cache.values):
+            torch._dynamo.mark_static_address(tensor, guard=False)
     options = dict(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p, generator=generator)
 
     positions = torch.arange(prompt_len, device=device)

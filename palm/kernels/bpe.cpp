@@ -4,7 +4,7 @@
 // no per-token strings or offsets, and a cache of words already encoded.
 //
 // Plain C ABI (loaded with ctypes, no Python or torch headers, so it compiles in a second or two).
-// palm/bpe.py checks a tokenizer qualifies and builds the tables. Text is UTF-8. A document that
+// palm/kernels/bpe.py checks a tokenizer qualifies and builds the tables. Text is UTF-8. A document that
 // holds a character this encoder cannot classify exactly (unassigned in Python's Unicode tables,
 // or one the tokenizer's NFC normalizer could change) is reported, and the caller encodes it
 // with the reference tokenizer instead.
