@@ -15,7 +15,7 @@ _EXPORTS = {
     "generate": "palm.inference.decoding", "stream": "palm.inference.decoding",
     "PaLM": "palm.model",
     "quantize": "palm.inference.quantization",
-    "load_tokenizer": "palm.tokenizer",
+    "load_tokenizer": "palm.tokenizer", "TextStreamer": "palm.tokenizer",
 }
 __all__ = sorted(_EXPORTS)
 

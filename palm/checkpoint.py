@@ -26,6 +26,7 @@ from palm.hub import hub_download
 from palm.model import PaLM, RotaryEmbedding
 
 CONFIG_NAME = "config.json"
+ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 # Where the published checkpoints live on the Hub: preset -> (repo, file).
@@ -52,15 +53,29 @@ def load(
 
     `source` is a preset name (`palm_410m_8k_v0` or `410m`: downloads the published checkpoint),
     a local reference `.pt` state dict, a `.safetensors` file, a directory written by
-    `save_pretrained`, or a Hub repo in that format. Without `config`, it comes from the preset,
+    `save_pretrained`, a Hub repo in that format, or a LoRA adapter directory written by
+    `palm finetune` (its base model, as its adapter_config.json names it, with the adapter). Without `config`, it comes from the preset,
     the directory's `config.json`, or the tensor shapes. `dtype` None keeps the stored dtype.
     """
     dtype = resolve_dtype(dtype)
+    if (Path(source) / ADAPTER_CONFIG).is_file():
+        return load_with_adapter(Path(source), device=device, dtype=dtype)
     state_dict, found_config, description = read_source(source)
     config = config or found_config or infer_config(state_dict, description)
     model = model_from_state_dict(state_dict, config, description)
     del state_dict  # the model now holds the only references to the tensors
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_with_adapter(directory: Path, *, device=None, dtype: torch.dtype | None = None) -> PaLM:
+    """The base model an adapter directory names, with the adapter on it (unmerged, inference only)."""
+    from palm.adapters import load_adapter, read_adapter_config
+
+    base = read_adapter_config(directory).base_model_name_or_path
+    if not base:
+        raise PalmError(f"{directory}: its adapter_config.json names no base model (base_model_name_or_path)")
+    model = load(base).float()
+    return load_adapter(model, directory).get_base_model().to(device=device, dtype=dtype).eval()
 
 
 def read_source(source: str | os.PathLike) -> tuple[dict[str, Tensor], PaLMConfig | None, str]:

@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt_ids = torch.tensor(tokenizer.encode(prompt))
     if len(prompt_ids) == 0:
         raise PalmError("the prompt encodes to no tokens")
-    check_context(len(prompt_ids), 0, model.config.max_seq_len)
+    check_context(len(prompt_ids), 1, model.config.max_seq_len)
     if args.max_new_tokens is not None:
         max_new = args.max_new_tokens
     else:
@@ -174,41 +174,154 @@ def cmd_train(args: argparse.Namespace) -> None:
     from palm.training.config import TrainConfig
     from palm.training.pretrain import train
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "quiet")}
-    train(TrainConfig.from_sources(args.config, overrides), progress=not args.quiet)
+    train(TrainConfig.from_sources(args.config, _run_options(args)), progress=not args.quiet)
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per `TrainConfig` field; unset flags stay None so the YAML file's values win."""
+def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a model on instruction or chat data: LoRA adapters (default) or all weights."""
+    from palm.training.config import FinetuneConfig
+    from palm.training.finetune import finetune
+
+    finetune(FinetuneConfig.from_sources(args.config, _run_options(args)), progress=not args.quiet)
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func", "config", "quiet")}
+
+
+RUN_HELPS = {
+    "tokenizer": "Hub name, tokenizer.json, or 'bytes' (default: bytes)",
+    "out_dir": "run directory (default: runs/<name>-<date>-<time>)",
+    "resume": "a checkpoint directory, or 'auto' for the newest in --out_dir",
+    "trackers": "comma-separated: tensorboard, wandb",
+    "precision": "fp32, bf16 (autocast) or fp16 (with a grad scaler; GPU only)",
+    "schedule": "cosine, linear or constant after warmup",
+    "optimizer": "adamw, stable_adamw or lion",
+    "grad_clip": "clip the gradient norm to this (0: no clipping)",
+    "max_tokens": "train for this many tokens instead of --max_steps",
+    "peak_tflops": "device peak for MFU (default: data sheet for known GPUs, measured on CPU)",
+}
+TRAIN_HELPS = {
+    "preset": "model preset to train from scratch (default: tiny)",
+    "init_from": "start from these weights (anything palm.load takes) for continued pretraining",
+    "data": "build-dataset directory, Hub dataset of packed input_ids, or raw text files (default: Python's stdlib source)",
+    "val_data": "validation data (default: the data's validation split, if any)",
+}
+FINETUNE_HELPS = {
+    "checkpoint": "the model to fine-tune: " + "a preset name, a .pt or .safetensors file, a model directory, or a Hub repo id",
+    "data": "local .json/.jsonl/.parquet records or a Hub dataset: Alpaca (instruction, input, output), chat "
+            "(messages) or prompt/completion (default: instructions made from Python's stdlib)",
+    "val_data": "validation records (default: --val_fraction of --data, or none)",
+    "val_fraction": "hold out this fraction of --data for validation",
+    "split": "split of a Hub dataset (default: train)",
+    "columns": "field names of the data for palm's, as ours=theirs,... (e.g. instruction=inputs,output=targets)",
+    "prompt_style": "alpaca, flan, chatml or plain (default: alpaca); saved with the model",
+    "eos_token": "end-of-text token, which ends every reply (default: from the tokenizer's config)",
+    "train_on_prompt": "learn the prompt tokens too (default: the replies only)",
+    "method": "lora (adapters through peft) or full (all weights) (default: lora)",
+    "lora_targets": "comma-separated: q, k, v, ff_in (parts of the fused projection), fused, attn_out, ff_out, all (default: q,v)",
+    "quantize": "int8: keep the frozen base weights in int8 (LoRA only)",
+    "samples": "answers to this many held-out instructions printed at the end (default: 3)",
+}
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, config_class, helps: dict[str, str]) -> None:
+    """One flag per field of `config_class`; unset flags stay None so the YAML file's values win."""
     import dataclasses
 
-    from palm.training.config import TrainConfig
-
-    helps = {
-        "preset": "model preset to train from scratch (default: tiny)",
-        "init_from": "start from these weights (anything palm.load takes) for continued pretraining or fine-tuning",
-        "data": "build-dataset directory, Hub dataset of packed input_ids, or raw text files (default: Python's stdlib source)",
-        "val_data": "validation data (default: the data's validation split, if any)",
-        "tokenizer": "Hub name, tokenizer.json, or 'bytes' (default: bytes)",
-        "out_dir": "run directory (default: runs/<preset>-<date>-<time>)",
-        "resume": "a checkpoint directory, or 'auto' for the newest in --out_dir",
-        "trackers": "comma-separated: tensorboard, wandb",
-        "precision": "fp32, bf16 (autocast) or fp16 (with a grad scaler; GPU only)",
-        "schedule": "cosine, linear or constant after warmup",
-        "optimizer": "adamw, stable_adamw or lion",
-        "grad_clip": "clip the gradient norm to this (0: no clipping)",
-        "max_tokens": "train for this many tokens instead of --max_steps",
-        "peak_tflops": "device peak for MFU (default: data sheet for known GPUs, measured on CPU)",
-    }
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
+    parser.add_argument("--config", help="YAML file of options; command-line flags override it")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    defaults = config_class()
+    for f in dataclasses.fields(config_class):
         default = getattr(defaults, f.name)
-        help_text = helps.get(f.name, f"(default: {default})")
+        help_text = {**RUN_HELPS, **helps}.get(f.name, f"(default: {default})")
         if isinstance(default, bool):
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
         else:  # field types are strings such as "int | None" (postponed annotations)
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             parser.add_argument(f"--{f.name}", type=kind, help=help_text)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    """Chat with a model in the terminal (or answer one message read from stdin)."""
+    import torch
+
+    from palm.checkpoint import load
+    from palm.checks import check_at_least, check_vocabulary
+    from palm.inference.chat import reply
+    from palm.inference.quantization import quantize
+    from palm.inference.sampling import check_sampling_options
+    from palm.prompts import BASE_MODEL_STYLE, get_prompt_style, saved_prompt_style
+    from palm.tokenizer import load_tokenizer
+
+    check_sampling_options(args.temperature, args.filter_thres, args.top_k, args.top_p)
+    check_at_least("--max_new_tokens", args.max_new_tokens, 1)
+    style = get_prompt_style(args.prompt_style) if args.prompt_style else saved_prompt_style(args.checkpoint)
+    if style is None:
+        style = get_prompt_style(BASE_MODEL_STYLE)
+        print(f"palm chat: {args.checkpoint} has no saved prompt style; using '{style.name}' "
+              "(--prompt_style to choose)", file=sys.stderr)
+    tokenizer = load_tokenizer(args.tokenizer)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load(args.checkpoint, device=device, dtype=args.dtype)
+    check_vocabulary(tokenizer, model.config.num_tokens)
+    if args.quantize:
+        quantize(model, args.quantize)
+    generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
+    sampling = dict(temperature=args.temperature, filter_thres=args.filter_thres, top_k=args.top_k, top_p=args.top_p,
+                    generator=generator, compile=args.compile)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+
+    def answer(messages: list[dict]) -> str:
+        text = ""
+        for piece in reply(model, tokenizer, style, messages, args.max_new_tokens, **sampling):
+            text += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return text
+
+    if not sys.stdin.isatty():  # scripts: one message in, one reply out
+        message = sys.stdin.read().strip()
+        if not message:
+            raise PalmError("no message on stdin")
+        answer([*system, {"role": "user", "content": message}])
+        return
+    print(f"chatting with {args.checkpoint} ({style.name} prompt style). /reset starts over, /exit quits.", file=sys.stderr)
+    history = list(system)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history = list(system)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            history.append({"role": "assistant", "content": answer(history)})
+        except PalmError as e:  # a message too long for the context: say so and carry on
+            history.pop()
+            print(f"palm chat: {e}", file=sys.stderr)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every command that generates text: sampling, and how the model runs."""
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
+    parser.add_argument("--filter_thres", type=float, default=0.9, help="keep the top (1 - filter_thres) of the vocabulary (default: %(default)s)")
+    parser.add_argument("--top_k", type=int, help="keep the k most likely tokens (instead of --filter_thres)")
+    parser.add_argument("--top_p", type=float, help="nucleus sampling: keep the most likely tokens up to probability p")
+    parser.add_argument("--seed", type=int, help="random seed for reproducible samples")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="(default: %(default)s)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--quantize", choices=["int8"], help="weight-only int8 quantization")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster per token)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,16 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="Hub name, tokenizer.json, or 'bytes' (default: %(default)s)")
     gen.add_argument("--seq_len", type=int, default=256, help="total length, prompt included (default: %(default)s)")
     gen.add_argument("--max_new_tokens", type=int, help="tokens to generate (overrides --seq_len)")
-    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: %(default)s)")
-    gen.add_argument("--filter_thres", type=float, default=0.9, help="keep the top (1 - filter_thres) of the vocabulary (default: %(default)s)")
-    gen.add_argument("--top_k", type=int, help="keep the k most likely tokens (instead of --filter_thres)")
-    gen.add_argument("--top_p", type=float, help="nucleus sampling: keep the most likely tokens up to probability p")
-    gen.add_argument("--seed", type=int, help="random seed for reproducible samples")
     gen.add_argument("--num_samples", type=int, default=1, help="samples to draw, as one batch (default: %(default)s)")
-    gen.add_argument("--dtype", choices=DTYPES, default="fp32", help="(default: %(default)s)")
-    gen.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    gen.add_argument("--quantize", choices=["int8"], help="weight-only int8 quantization")
-    gen.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start, faster per token)")
+    add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     build = commands.add_parser("build-dataset", help=cmd_build_dataset.__doc__, description=cmd_build_dataset.__doc__)
@@ -270,11 +375,24 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_build_dataset)
 
+    from palm.training.config import FinetuneConfig, TrainConfig
+
     train = commands.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    train.add_argument("--config", help="YAML file of options; command-line flags override it")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_train_arguments(train)
+    add_run_arguments(train, TrainConfig, TRAIN_HELPS)
     train.set_defaults(func=cmd_train)
+
+    finetune = commands.add_parser("finetune", help=cmd_finetune.__doc__, description=cmd_finetune.__doc__)
+    add_run_arguments(finetune, FinetuneConfig, FINETUNE_HELPS)
+    finetune.set_defaults(func=cmd_finetune)
+
+    chat = commands.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
+    chat.add_argument("--checkpoint", required=True, help="the model: " + source_help)
+    chat.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="Hub name, tokenizer.json, or 'bytes' (default: %(default)s)")
+    chat.add_argument("--prompt_style", help="alpaca, flan, chatml or plain (default: the model's saved style, else plain)")
+    chat.add_argument("--system", help="a system message to start the conversation with")
+    chat.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens (default: %(default)s)")
+    add_sampling_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

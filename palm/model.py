@@ -84,6 +84,15 @@ class SwiGLU(nn.Module):
         return F.silu(gate) * x
 
 
+class FusedProjection(nn.Linear):
+    """One bias-free projection computing several named outputs side by side (`parts`: name ->
+    width, in order), so that a single matmul serves them all."""
+
+    def __init__(self, in_features: int, parts: dict[str, int]):
+        super().__init__(in_features, sum(parts.values()), bias=False)
+        self.parts = dict(parts)
+
+
 class KVCache:
     """Keys and values of every block for `batch_size` sequences of up to `max_len` positions.
 
@@ -96,14 +105,6 @@ class KVCache:
         shape = (batch_size, 1, max_len, dim_head)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.keys[0].shape[2]
 
 
 class ParallelBlock(nn.Module):
@@ -126,19 +127,20 @@ class ParallelBlock(nn.Module):
         self.rotary_emb = RotaryEmbedding(dim_head, config.xpos_scale_base)
         # One projection yields, in this order: queries of all heads, the single key head, the
         # single value head, and the SwiGLU input.
-        self.fused_dims = (config.attn_inner_dim, dim_head, dim_head, 2 * config.ff_inner_dim)
-        self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
+        parts = {"q": config.attn_inner_dim, "k": dim_head, "v": dim_head, "ff_in": 2 * config.ff_inner_dim}
+        self.fused_dims = tuple(parts.values())
+        self.fused_attn_ff_proj = FusedProjection(dim, parts)
         self.attn_out = nn.Linear(config.attn_inner_dim, dim, bias=False)
         self.ff_out = nn.Sequential(
             SwiGLU(), nn.Dropout(config.ff_dropout), nn.Linear(config.ff_inner_dim, dim, bias=False)
         )
         # Attention of a single query position over the cache (decoding), in SDPA's signature;
-        # `palm.prepare_for_decoding` swaps in a CPU kernel that skips the empty cache slots.
+        # `palm.inference.cpu.swap_in_kernels` swaps in a CPU kernel that skips the empty cache slots.
         self.single_query_attention = F.scaled_dot_product_attention
 
     def forward(
-        self, x: Tensor, rotary: tuple[Tensor, ...], attn_mask: Tensor | None,
-        kv_cache: tuple[Tensor, Tensor] | None, positions: Tensor | None,
+        self, x: Tensor, rotary: tuple[Tensor, ...], positions: Tensor, attn_mask: Tensor | None,
+        kv_cache: tuple[Tensor, Tensor] | None,
     ) -> Tensor:
         batch, n, _ = x.shape
         x = self.norm(x)
@@ -214,22 +216,22 @@ class PaLM(nn.Module):
         """Logits (b, n, vocab) for `tokens` (b, n).
 
         Without `positions`, the tokens are one causal sequence from position 0. With `positions`
-        (n,), the absolute positions of `tokens`, and a `cache` (see `make_cache`): their keys and
-        values are stored in the cache and they attend to cached positions [0, attn_mask.shape[-1])
-        as the boolean `attn_mask` (b, 1, n, keys) allows; a None mask means a causal prefill from 0.
+        (n,), the absolute positions of `tokens`. With a `cache` (see `make_cache`), their keys and
+        values are stored in it at those positions (default: from 0) and they attend to cached
+        positions [0, attn_mask.shape[-1]) as the boolean `attn_mask` (b, 1, n, keys) allows; a None
+        mask means a causal prefill from 0.
         """
         n = tokens.shape[1]
+        # The reference centres the xPos exponent on the middle of a sequence; scores depend only
+        # on position differences, so positions given or cached are taken as absolute instead.
+        absolute = positions is not None or cache is not None
         if positions is None:
-            # The reference centres the xPos exponent on the middle of the sequence; scores depend
-            # only on position differences, so decoding may use absolute positions instead.
             positions = torch.arange(n, device=tokens.device)
-            rotary = self.rotary_tables(positions, xpos_offset=n // 2)
-        else:
-            rotary = self.rotary_tables(positions, xpos_offset=0)
+        rotary = self.rotary_tables(positions, xpos_offset=0 if absolute else n // 2)
         x = self.token_emb(tokens)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i])
-            x = layer(x, rotary, attn_mask, kv, positions)
+            x = layer(x, rotary, positions, attn_mask, kv)
         return self.to_logits(self.norm(x))
 
     def rotary_tables(self, positions: Tensor, xpos_offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -251,6 +253,7 @@ class PaLM(nn.Module):
     def num_parameters(self) -> int:
         """Number of distinct parameters (the tied embedding counted once)."""
         return sum(p.numel() for p in self.parameters())
+
 
 def next_token_loss(model: nn.Module, tokens: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross entropy of `model` (PaLM, or a wrapper around one such as DDP) predicting

@@ -14,14 +14,17 @@ ALLOWED = {
     "dtypes": {"errors"},
     "checks": {"errors"},
     "config": {"errors"},
+    "prompts": {"errors"},
     "hub": {"errors"},
-    "kernels": {"errors", "files"},
+    "kernels": {"files"},
     "model": {"config"},
     "tokenizer": {"errors", "checks", "hub", "kernels"},
-    "checkpoint": {"errors", "files", "hub", "dtypes", "config", "model"},
-    "data": {"errors", "checks", "hub", "files", "tokenizer"},
-    "inference": {"errors", "checks", "dtypes", "config", "model", "kernels"},
-    "training": {"errors", "checks", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "data", "inference"},
+    "inference": {"errors", "model", "kernels", "prompts", "tokenizer"},
+    "adapters": {"errors", "model", "inference"},
+    "checkpoint": {"errors", "files", "hub", "dtypes", "config", "model", "adapters"},
+    "data": {"errors", "checks", "hub", "prompts"},
+    "training": {"errors", "checks", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "data",
+                 "inference", "prompts", "adapters"},
 }
 TOP = {"__init__", "__main__", "cli"}  # the public API and the command line may use everything
 

@@ -123,20 +123,26 @@ class Windows:
 
 
 class BatchLoader:
-    """Endless batches of windows. Each epoch visits the windows in an order drawn from
+    """Endless batches of samples (windows, or fine-tuning examples): anything with `len()` that
+    gives a batch for an array of indices. Each epoch visits the samples in an order drawn from
     (seed, epoch); global batch t is positions [t*B*W, (t+1)*B*W) of that order (B = batch_size,
     W = world_size) and rank r takes every W-th of them from r, so ranks are disjoint and together
-    see exactly what one process with batch B*W sees. The windows left over at the end of an
-    epoch (fewer than B*W) are skipped that epoch. `state_dict()` is the exact position."""
+    see exactly what one process with batch B*W sees. The samples left over at the end of an
+    epoch (fewer than B*W) are skipped that epoch. With `lengths`, each global batch holds samples
+    of similar length (sorted within runs of BUCKET_BATCHES global batches, then the batches
+    shuffled), so padding stays small. `state_dict()` is the exact position."""
 
-    def __init__(self, windows: Windows, batch_size: int, *, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1):
-        self.windows, self.batch_size, self.seed, self.shuffle = windows, batch_size, seed, shuffle
-        self.rank, self.world_size = rank, world_size
-        self.batches_per_epoch = len(windows) // (batch_size * world_size)
+    BUCKET_BATCHES = 64
+
+    def __init__(self, samples, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1, lengths: np.ndarray | None = None):
+        self.samples, self.batch_size, self.seed, self.shuffle = samples, batch_size, seed, shuffle
+        self.rank, self.world_size, self.lengths = rank, world_size, lengths
+        self.batches_per_epoch = len(samples) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
+            what = f"windows of {samples.seq_len} tokens" if isinstance(samples, Windows) else "examples"
             raise PalmError(
-                f"the data has {len(windows)} windows of {windows.seq_len} tokens, fewer than one global batch "
+                f"the data has {len(samples)} {what}, fewer than one global batch "
                 f"of {batch_size * world_size} (batch_size x processes); use more data or a smaller batch"
             )
         self.epoch, self.batch = 0, 0
@@ -144,10 +150,25 @@ class BatchLoader:
 
     def order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            n = len(self.windows)
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order_epoch = epoch
+            n = len(self.samples)
+            if not self.shuffle:
+                order = np.arange(n)
+            else:
+                rng = np.random.default_rng([self.seed, epoch])
+                order = rng.permutation(n)
+                if self.lengths is not None:
+                    order = self._bucketed(order, rng)
+            self._order, self._order_epoch = order, epoch
         return self._order
+
+    def _bucketed(self, order: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        global_batch = self.batch_size * self.world_size
+        used = self.batches_per_epoch * global_batch
+        run = global_batch * self.BUCKET_BATCHES
+        head = order[:used]
+        chunks = [head[i : i + run] for i in range(0, used, run)]
+        batches = np.concatenate([c[np.argsort(self.lengths[c], kind="stable")] for c in chunks]).reshape(-1, global_batch)
+        return np.concatenate([batches[rng.permutation(len(batches))].reshape(-1), order[used:]])
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self
@@ -159,11 +180,11 @@ class BatchLoader:
         start = self.batch * global_batch
         indices = self.order(self.epoch)[start : start + global_batch][self.rank :: self.world_size]
         self.batch += 1
-        return self.windows[indices]
+        return self.samples[indices]
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_windows": len(self.windows)}
+                "batch_size": self.batch_size, "num_windows": len(self.samples)}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "world_size", "batch_size", "num_windows"):

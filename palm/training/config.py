@@ -1,4 +1,5 @@
-"""A training run's configuration (`TrainConfig`): defaults, then a YAML file, then flags.
+"""Training runs' configurations, each from defaults, then a YAML file, then flags: the loop's
+options (`RunConfig`), `palm train`'s (`TrainConfig`) and `palm finetune`'s (`FinetuneConfig`).
 Imports no torch, so the CLI starts fast."""
 
 from __future__ import annotations
@@ -16,17 +17,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
-class TrainConfig:
-    """Everything a run needs; defaults are the README's main job (the `tiny` preset learning the
-    Python standard library's source, byte-level, in about ten minutes on two CPU cores)."""
+class RunConfig:
+    """What every training run has: the loop's options (see `palm.training.loop.run`)."""
 
-    preset: str = "tiny"
-    init_from: str | None = None  # anything palm.load takes; overrides preset
-    data: str | None = None  # None: the Python standard library's source (.py files)
-    val_data: str | None = None  # None: the data's validation split, or held-out stdlib files
-    streaming: bool = False  # stream a Hub dataset instead of downloading it
-    tokenizer: str = "bytes"
-    out_dir: str | None = None  # None: runs/<preset>-<date>-<time>
+    out_dir: str | None = None  # None: runs/<name>-<date>-<time>
     max_steps: int | None = 480
     max_tokens: int | None = None  # instead of max_steps
     batch_size: int = 8  # per process and micro-batch
@@ -46,7 +40,7 @@ class TrainConfig:
     save_every: int = 120
     keep_last: int = 2
     eval_every: int = 120
-    eval_windows: int = 128  # validation windows per evaluation
+    eval_windows: int = 128  # validation samples per evaluation
     log_every: int = 40
     resume: str | None = None  # a checkpoint directory, or "auto" for the newest in out_dir
     trackers: list[str] = field(default_factory=list)  # tensorboard, wandb
@@ -54,7 +48,7 @@ class TrainConfig:
     samples: int = 3  # samples printed at the end
 
     @classmethod
-    def from_sources(cls, yaml_path: str | None, overrides: dict) -> TrainConfig:
+    def from_sources(cls, yaml_path: str | None, overrides: dict) -> RunConfig:
         """Defaults, then a YAML file, then command-line overrides."""
         values: dict = {}
         if yaml_path is not None:
@@ -67,10 +61,11 @@ class TrainConfig:
             if not isinstance(values, dict):
                 raise PalmError(f"--config {yaml_path}: expected a mapping of option: value")
         values.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
         if unknown:
             raise PalmError(f"unknown training option(s): {', '.join(unknown)}")
+        values = {name: _as_declared(name, value, fields[name].type) for name, value in values.items()}
         if isinstance(values.get("trackers"), str):
             values["trackers"] = [t for t in values["trackers"].split(",") if t]
         if values.get("max_tokens") is not None and overrides.get("max_steps") is None:
@@ -94,3 +89,104 @@ class TrainConfig:
         for tracker in self.trackers:
             if tracker not in ("tensorboard", "wandb"):
                 raise PalmError(f"unknown tracker {tracker!r} (tensorboard, wandb)")
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """`palm train`; defaults are the README's main job (the `tiny` preset learning the Python
+    standard library's source, byte-level, in about ten minutes on two CPU cores)."""
+
+    preset: str = "tiny"
+    init_from: str | None = None  # anything palm.load takes; overrides preset
+    data: str | None = None  # None: the Python standard library's source (.py files)
+    val_data: str | None = None  # None: the data's validation split, or held-out stdlib files
+    streaming: bool = False  # stream a Hub dataset instead of downloading it
+    tokenizer: str = "bytes"
+
+
+FINETUNE_METHODS = ("lora", "full")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    """`palm finetune`; defaults fit the README's flow: LoRA on the main job's model, taught to
+    answer the standard library's instruction set (a few minutes on two CPU cores)."""
+
+    checkpoint: str | None = None  # anything palm.load takes (required)
+    data: str | None = None  # None: instructions made from the Python standard library
+    val_data: str | None = None
+    val_fraction: float | None = None  # hold out this fraction of --data instead of --val_data
+    split: str = "train"  # of a Hub dataset
+    columns: str | None = None  # ours=theirs,... e.g. instruction=inputs,output=targets
+    tokenizer: str = "bytes"
+    eos_token: str | None = None  # default: from the tokenizer's config
+    prompt_style: str = "alpaca"
+    train_on_prompt: bool = False  # learn the prompts too, not only the replies
+    method: str = "lora"
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "q,v"
+    quantize: str | None = None  # int8: the frozen base weights stored as int8 (LoRA only)
+    max_steps: int | None = 300
+    seq_len: int = 512
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    save_every: int = 100
+    eval_every: int = 100
+    eval_windows: int = 64
+    log_every: int = 20
+
+    def check(self) -> None:
+        super().check()
+        if self.checkpoint is None:
+            raise PalmError("--checkpoint is required: the model to fine-tune (anything palm.load takes)")
+        if self.method not in FINETUNE_METHODS:
+            raise PalmError(f"--method must be one of {', '.join(FINETUNE_METHODS)}, got {self.method!r}")
+        if self.quantize not in (None, "int8"):
+            raise PalmError(f"--quantize must be int8, got {self.quantize!r}")
+        if self.quantize and self.method == "full":
+            raise PalmError("--quantize int8 keeps the base weights frozen: it goes with --method lora, not full")
+        check_at_least("--lora_r", self.lora_r, 1)
+        if not 0 <= self.lora_dropout < 1:
+            raise PalmError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise PalmError(f"--val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_fraction is not None and self.val_data is not None:
+            raise PalmError("give --val_data or --val_fraction, not both")
+
+    def column_mapping(self) -> dict[str, str]:
+        """--columns as {our field: the data's field}."""
+        mapping = {}
+        for item in filter(None, (self.columns or "").split(",")):
+            ours, sep, theirs = item.partition("=")
+            if not sep or not ours.strip() or not theirs.strip():
+                raise PalmError(f"--columns: {item!r} is not ours=theirs (e.g. instruction=inputs,output=targets)")
+            mapping[ours.strip()] = theirs.strip()
+        return mapping
+
+
+def _as_declared(name: str, value, declared: str):
+    """`value` as the field's declared type (YAML 1.1 reads `1e-3` as a string, say), or one
+    PalmError naming the option. Annotations are strings such as "int | None" here."""
+    kind = declared.split(" ")[0]
+    if value is None or kind not in ("int", "float", "bool"):
+        return value
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if kind == "int":
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        return number
+    except (TypeError, ValueError, OverflowError):
+        raise PalmError(f"option {name}: expected {'true or false' if kind == 'bool' else f'a number ({kind})'}, "
+                        f"got {value!r}") from None

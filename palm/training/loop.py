@@ -1,10 +1,13 @@
 """The training loop on Hugging Face accelerate: one CPU to many GPUs (DDP, FSDP, DeepSpeed), exact resume.
 
 What is trained, on what data, with which loss, and how the result is saved comes from a `Task`
-(`palm train`'s is `palm.training.pretrain.Pretraining`); the loop owns the rest: the run
-directory, accelerate, optimizer and schedule, accumulation and clipping, checkpoints and exact
-resume, evaluation, metrics and progress. The model knows nothing of this module: parallelism,
-precision, activation checkpointing and compilation are applied from outside.
+(`palm train`'s is `palm.training.pretrain.Pretraining`, `palm finetune`'s
+`palm.training.finetune.Finetuning`); the loop owns the rest: the run directory, accelerate,
+optimizer and schedule, accumulation and clipping, checkpoints and exact resume, evaluation,
+metrics and progress. It trains palm's PaLM models (plain or with adapters): FLOPs per token come
+from the model's config and activation checkpointing wraps its blocks. The model knows nothing of
+this module: parallelism, precision, activation checkpointing and compilation are applied from
+outside.
 
     out_dir/config.yaml            resolved configuration
     out_dir/metrics.jsonl          one JSON object per optimizer step and per evaluation
@@ -32,7 +35,7 @@ from torch import Tensor, nn
 
 from palm.errors import PalmError
 from palm.training.checkpoints import resolve_resume, save_checkpoint
-from palm.training.config import TrainConfig
+from palm.training.config import RunConfig
 from palm.training.metrics import MetricsLog, flops_per_token, memory_in_use, peak_flops, plot_losses
 from palm.training.optim import learning_rate, make_optimizer
 
@@ -65,7 +68,17 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def save_model(self, state_dict: dict[str, Tensor], directory: Path) -> None:
-        """Write a loadable model into `directory` from the full (gathered) state dict."""
+        """Write a loadable model into `directory` from the full (gathered) state dict; used for
+        the `model/` of each checkpoint."""
+
+    def save_final(self, state_dict: dict[str, Tensor], out_dir: Path) -> Path:
+        """Write the trained model into the run directory; returns the directory to load it from."""
+        self.save_model(state_dict, out_dir / "model")
+        return out_dir / "model"
+
+    def count_tokens(self, batch) -> int:
+        """The tokens a batch holds, for tokens/s and MFU (padding excluded)."""
+        return batch.numel()
 
     def describe(self) -> list[str]:
         """Lines on the model and data for the run's header (called after `training_batches`)."""
@@ -76,7 +89,7 @@ class Task(abc.ABC):
         how to use it, and print samples)."""
 
 
-def run(config: TrainConfig, task: Task, *, progress: bool = True) -> Path:
+def run(config: RunConfig, task: Task, *, progress: bool = True) -> Path:
     """Train `task` as `config` says; returns the directory of the final model."""
     from accelerate.utils import set_seed
 
@@ -92,6 +105,10 @@ def run(config: TrainConfig, task: Task, *, progress: bool = True) -> Path:
         say("warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast will be slower than fp32")
 
     model = task.build_model()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    partial = len(trainable) < len(list(model.parameters()))
+    if partial:
+        _checkpoint_trainable_only(accelerator, trainable)
     rank, world = accelerator.process_index, accelerator.num_processes
     loader = task.training_batches(model, rank, world)
 
@@ -108,7 +125,9 @@ def run(config: TrainConfig, task: Task, *, progress: bool = True) -> Path:
 
     step, tokens_seen, nonfinite_in_a_row = 0, 0, 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        accelerator.load_state(str(resume_from), strict=not partial)
+        if partial:
+            _check_holds(resume_from, trainable)
         state = json.loads((resume_from / "trainer_state.json").read_text())
         step, tokens_seen = state["step"], state["tokens"]
         loader.load_state_dict(json.loads((resume_from / f"data_rank{rank}.json").read_text()))
@@ -132,7 +151,7 @@ def run(config: TrainConfig, task: Task, *, progress: bool = True) -> Path:
     say("\n".join([
         resolved.rstrip(),
         *task.describe(),
-        f"parameters: {n_params / 1e6:.1f}M, {n_trainable / 1e6:.1f}M trained",
+        f"parameters: {n_params / 1e6:.1f}M, {n_trainable:,} trained ({100 * n_trainable / n_params:.2f}%)",
         f"{world} process(es) x {config.batch_size} x {config.grad_accum} windows of {config.seq_len} tokens = "
         f"{tokens_per_step:,} tokens per step, {max_steps:,} steps",
         f"MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})",
@@ -147,16 +166,17 @@ def run(config: TrainConfig, task: Task, *, progress: bool = True) -> Path:
                            max_steps=max_steps, schedule=config.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = torch.zeros((), device=accelerator.device)
+        totals = torch.zeros(2, device=accelerator.device)  # loss, tokens
         for micro in range(config.grad_accum):
             batch = _to_device(next(loader), accelerator.device)
             sync = micro == config.grad_accum - 1
             with _maybe_no_sync(accelerator, model, sync), accelerator.autocast():
                 loss = task.loss(model, batch) / config.grad_accum
                 accelerator.backward(loss)
-            step_loss += loss.detach()
+            totals += torch.stack([loss.detach().float(), torch.tensor(float(task.count_tokens(batch)), device=totals.device)])
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        step_loss = accelerator.reduce(step_loss, "mean")
+        totals = accelerator.reduce(totals, "sum")
+        step_loss, step_tokens = totals[0] / world, int(totals[1].item())
         if not torch.isfinite(step_loss):
             optimizer.zero_grad(set_to_none=True)
             nonfinite_in_a_row += 1
@@ -169,8 +189,8 @@ def run(config: TrainConfig, task: Task, *, progress: bool = True) -> Path:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
+        tokens_seen += step_tokens
+        window_tokens += step_tokens
 
         elapsed = time.perf_counter() - window_start
         tokens_per_sec = window_tokens / elapsed
@@ -207,10 +227,10 @@ def run(config: TrainConfig, task: Task, *, progress: bool = True) -> Path:
     if bar is not None:
         bar.close()
 
-    final_dir = out_dir / "model"
     full_state = accelerator.get_state_dict(model)
+    final_dir = out_dir / "model"
     if accelerator.is_main_process:
-        task.save_model(full_state, final_dir)
+        final_dir = task.save_final(full_state, out_dir)
         plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
         task.finish(accelerator.unwrap_model(model), final_dir, accelerator.device)
     if config.trackers:
@@ -243,7 +263,7 @@ def evaluate(model: nn.Module, task: Task, max_samples: int, accelerator) -> flo
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def run_directory(config: TrainConfig, name: str) -> Path:
+def run_directory(config: RunConfig, name: str) -> Path:
     if config.out_dir is not None:
         return Path(config.out_dir)
     if config.resume == "auto":
@@ -253,7 +273,7 @@ def run_directory(config: TrainConfig, name: str) -> Path:
     return Path(f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _accelerator(config: TrainConfig, out_dir: Path):
+def _accelerator(config: RunConfig, out_dir: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -269,6 +289,33 @@ def _accelerator(config: TrainConfig, out_dir: Path):
     cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     mixed = "no" if config.precision == "fp32" else config.precision
     return Accelerator(cpu=cpu, mixed_precision=mixed, log_with=config.trackers or None, project_dir=str(out_dir))
+
+
+def _checkpoint_trainable_only(accelerator, trainable: set[str]) -> None:
+    """Checkpoints of a model with frozen parameters (LoRA) hold only what trains; the task
+    rebuilds the rest. Sharded engines save on their own terms, so they are not offered here."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise PalmError("a model with frozen parameters (LoRA) trains on one process or with DDP, not FSDP/DeepSpeed; "
+                        "use --method full for those")
+
+    def keep_trainable(models, weights, output_dir):
+        for state in weights:
+            for key in [k for k in state if k.removeprefix("module.") not in trainable]:
+                del state[key]
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+
+
+def _check_holds(checkpoint: Path, trainable: set[str]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        saved = {key.removeprefix("module.") for key in f.keys()}
+    missing = sorted(trainable - saved)
+    if missing:
+        raise PalmError(f"{checkpoint} does not hold {missing[0]}: it was written for another model or adapter setup")
 
 
 def _to_device(batch, device: torch.device):

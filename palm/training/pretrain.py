@@ -34,13 +34,14 @@ class Pretraining(Task):
     def __init__(self, config: TrainConfig):
         self.config = config
         self.name = config.preset
-        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.tokenizer: Tokenizer | None = None  # loaded with the model, after the run's cheap checks
         self.model_config: PaLMConfig | None = None
         self.train_data: TokenData | None = None
         self.val_data: TokenData | None = None
 
     def build_model(self) -> nn.Module:
         c = self.config
+        self.tokenizer = load_tokenizer(c.tokenizer)
         model = load(c.init_from, dtype=torch.float32) if c.init_from is not None else PaLM(get_config(c.preset))
         self.model_config = model.config
         check_vocabulary(self.tokenizer, model.config.num_tokens)
