@@ -97,32 +97,6 @@ def test_greedy_matches_the_seeds_generate():
     assert ours[12:].tolist() == seed_out[0].tolist()
 
 
-def test_sampling_follows_the_softmax():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    generator = torch.Generator().manual_seed(0)
-    draws = torch.stack([sample(logits, temperature=1.0, filter_thres=None, generator=generator) for _ in range(20000)])
-    frequencies = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
-    torch.testing.assert_close(frequencies, logits.softmax(-1)[0], atol=0.015, rtol=0)
-
-
-def test_filters():
-    logits = torch.randn(4, 100)
-    top10 = set()
-    for row in range(4):
-        top10 |= {(row, i) for i in logits[row].topk(10).indices.tolist()}
-    g = torch.Generator().manual_seed(1)
-    for _ in range(200):  # filter_thres 0.9 keeps ceil(0.1 * 100) = 10 tokens, as in the seed
-        drawn = sample(logits, temperature=2.0, filter_thres=0.9, generator=g)
-        assert all((row, int(t)) in top10 for row, t in enumerate(drawn))
-    greedy = logits.argmax(-1)
-    assert torch.equal(sample(logits, top_k=1, generator=g), greedy)
-    assert torch.equal(sample(logits, top_p=1e-6, filter_thres=None, generator=g), greedy)
-    # top_p keeps the smallest set reaching p: probabilities 0.5, 0.3, 0.2 with p=0.7 keep two
-    two = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    kept = {int(sample(two, temperature=1.0, filter_thres=None, top_p=0.7, generator=g)) for _ in range(300)}
-    assert kept == {0, 1}
-
-
 def test_seeded_runs_are_reproducible():
     _, model = reference_loaded()
     prompt = torch.tensor([1, 2, 3])
@@ -167,11 +141,20 @@ def test_each_sequence_stops_at_its_own_eos():
     assert single.tolist() == free[0][: 3 + first_eos + 1].tolist()
 
 
-def test_stream_yields_what_generate_returns():
+def test_stream_yields_each_next_token_of_the_full_forward():
+    """Against a loop with no cache: the model's full forward over prompt + tokens so far, then
+    `sample` with the same generator (greedy, and sampled at temperature 1 from the top 20)."""
     _, model = reference_loaded()
-    prompt = torch.tensor([4, 5, 6])
-    streamed = [int(t) for t in stream(model, prompt, 15, temperature=0)]
-    assert generate(model, prompt, 15, temperature=0)[3:].tolist() == streamed
+    prompts = torch.tensor([[4, 5, 6], [9, 2, 7]])
+    for options in (dict(temperature=0), dict(temperature=1.0, filter_thres=0.8)):
+        tokens, g = prompts, torch.Generator().manual_seed(5)
+        expected = []
+        with torch.no_grad():
+            for _ in range(15):
+                expected.append(sample(model(tokens)[:, -1], generator=g, **options))
+                tokens = torch.cat([tokens, expected[-1][:, None]], dim=1)
+        streamed = stream(model, prompts, 15, generator=torch.Generator().manual_seed(5), **options)
+        assert [t.tolist() for t in streamed] == [t.tolist() for t in expected]
 
 
 def test_bad_arguments():

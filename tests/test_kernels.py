@@ -5,6 +5,7 @@ import torch
 
 import torch.nn.functional as F
 
+from palm.inference.cpu import single_query_attention
 from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 x86_avx2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -73,16 +74,31 @@ def test_decode_attention_far_apart_scores_and_no_visible_key():
     assert torch.equal(out[0], torch.ones(1, 1, 8)) and torch.equal(out[1], torch.zeros(1, 1, 8))
 
 
-def test_single_query_attention_falls_back_to_pytorch_where_the_kernel_does_not_apply():
-    from palm.inference.cpu import single_query_attention
+def test_single_query_attention_falls_back_to_pytorch_where_the_kernel_does_not_apply(monkeypatch):
+    import palm.inference.cpu as cpu
 
+    kernel_calls = []
+    real = cpu.decode_attention
+
+    def spy(*args):
+        kernel_calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(cpu, "decode_attention", spy)
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 1, 4, 12), torch.randn(1, 1, 9, 12), torch.randn(1, 1, 9, 12)  # head dim 12
     additive = torch.zeros(1, 1, 1, 9)
     additive[..., :2] = float("-inf")
-    cases = [(q, k, v, None), (q.half(), k.half(), v.half(), None), (q[..., :8], k[..., :8], v[..., :8], additive)]
+    needs_grad = q[..., :8].clone().requires_grad_()
+    # head dim not a multiple of 8; fp16; an additive (float) mask; a query that needs its gradient
+    cases = [(q, k, v, None), (q.half(), k.half(), v.half(), None), (q[..., :8], k[..., :8], v[..., :8], additive),
+             (needs_grad, k[..., :8], v[..., :8], None)]
     for q_, k_, v_, mask in cases:
         expected = F.scaled_dot_product_attention(q_.float(), k_.float(), v_.float(), attn_mask=mask)
         got = single_query_attention(q_, k_, v_, attn_mask=mask)
         assert got.dtype == q_.dtype
         torch.testing.assert_close(got.float(), expected, atol=2e-3, rtol=2e-3)
+    assert kernel_calls == []  # every case above went to PyTorch
+    if x86_avx2 and load_cpu_kernels():  # and the same call where the kernel applies does reach it
+        single_query_attention(q[..., :8], k[..., :8], v[..., :8], attn_mask=additive == 0)
+        assert len(kernel_calls) == 1
