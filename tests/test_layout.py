@@ -25,6 +25,7 @@ ALLOWED = {
     "data": {"errors", "checks", "hub", "prompts"},
     "training": {"errors", "checks", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "data",
                  "inference", "prompts", "adapters"},
+    "hf": {"errors", "dtypes", "config", "model", "checkpoint", "tokenizer", "prompts", "adapters"},
     "serve": {"errors", "checks", "dtypes", "model", "checkpoint", "tokenizer", "inference", "prompts"},
 }
 TOP = {"__init__", "__main__", "cli"}  # the public API and the command line may use everything
