@@ -3,12 +3,14 @@ httpx where a client would hide the response), checked against `palm.generate`."
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -31,13 +33,18 @@ SLOTS = 4
 
 class FlakyBytes(ByteTokenizer):
     """The byte tokenizer, except that decoding fails once `poison` is among the ids (to fail one
-    request inside the engine)."""
+    request inside the engine), and that with `spell` set, the tokens from the 4th on decode to its
+    UTF-8 bytes, one byte each (a character split across tokens)."""
 
     poison: int | None = None
+    spell: str | None = None
 
     def decode(self, ids):
         if self.poison is not None and self.poison in ids:
             raise RuntimeError("poisoned token")
+        if self.spell is not None:
+            spelled = list(self.spell.encode())
+            ids = [*ids[:3], *spelled[: max(0, len(ids) - 3)], *ids[3 + len(spelled):]]
         return super().decode(ids)
 
 
@@ -45,9 +52,9 @@ BYTES = ByteTokenizer()
 
 
 class Server:
-    def __init__(self, model, tokenizer, api_key=None):
+    def __init__(self, model, tokenizer, api_key=None, model_name=MODEL):
         self.engine = Engine(model, tokenizer, max_batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN)
-        app = create_app(self.engine, ServeSettings(MODEL, PLAIN, base_model_stops(PLAIN), api_key=api_key))
+        app = create_app(self.engine, ServeSettings(model_name, PLAIN, base_model_stops(PLAIN), api_key=api_key))
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -64,6 +71,10 @@ class Server:
 
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/health").json()
+
+    def idle(self) -> bool:
+        stats = self.stats()
+        return stats["active_sequences"] == stats["prefilling_sequences"] == stats["waiting_requests"] == 0
 
     def close(self):
         self.server.should_exit = True
@@ -145,6 +156,20 @@ def test_streams_end_with_done_and_carry_usage_when_asked(server, trained_tiny):
     assert all(json.loads(e[6:])["object"] == "text_completion" for e in events[:-1])
 
 
+def test_streamed_text_never_splits_a_utf8_character(server, trained_tiny):
+    prompt = BYTES.encode("Alice has 5")
+    server.engine.tokenizer.spell = "\u20ac"  # three bytes, so three tokens
+    try:
+        chunks = [c.choices[0].text for c in server.client().completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True)]
+    finally:
+        server.engine.tokenizer.spell = None
+    ids = greedy(trained_tiny, prompt, 12)
+    expected = BYTES.decode(ids[:3]) + "\u20ac" + BYTES.decode(ids[6:])
+    assert "".join(chunks) == expected
+    assert "\ufffd" not in "".join(chunks) and any(c.endswith("\u20ac") for c in chunks)
+
+
 def test_stop_strings_end_the_text_and_never_leak_even_in_part(server, trained_tiny):
     client = server.client()
     prompt = "Alice has 5"
@@ -209,7 +234,7 @@ def wait_for(condition, timeout=10.0):
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
-    wait_for(lambda: server.stats()["active_sequences"] == 0)
+    wait_for(server.idle)
     generated = server.stats()["generated_tokens"]
     body = {"model": MODEL, "prompt": "Alice has 5", "max_tokens": 110, "stream": True, "n": SLOTS}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
@@ -217,7 +242,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         next(line for line in lines if line.startswith("data: "))
         assert server.stats()["active_sequences"] == SLOTS  # every slot taken
     # closing the connection cancels the request: its slots come back well before 110 tokens
-    wait_for(lambda: server.stats()["active_sequences"] == 0)
+    wait_for(server.idle)
     spent = server.stats()["generated_tokens"] - generated
     assert spent < SLOTS * 110 / 2
     time.sleep(0.2)
@@ -274,20 +299,32 @@ def test_the_openai_client_raises_its_own_errors(server):
     assert server.stats()["status"] == "ok"
 
 
-def test_an_api_key_is_required_when_set(trained_tiny):
-    keyed = Server(trained_tiny, BYTES, api_key="sekret")
-    try:
-        body = {"model": MODEL, "prompt": "a", "max_tokens": 2}
-        missing = httpx.post(f"{keyed.url}/v1/completions", json=body)
-        wrong = httpx.post(f"{keyed.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
-        for response in (missing, wrong):
-            assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
-        with pytest.raises(openai.AuthenticationError):
-            keyed.client("nope").models.list()
-        assert keyed.client("sekret").completions.create(**body).choices[0].finish_reason == "length"
-        assert httpx.get(f"{keyed.url}/health").status_code == 200  # for load balancers, no key
-    finally:
-        keyed.close()
+@pytest.fixture(scope="module")
+def keyed(trained_tiny):
+    """A server with an API key, under the model name the README's example uses."""
+    running = Server(trained_tiny, BYTES, api_key="sekret", model_name="runs/my-model")
+    yield running
+    running.close()
+
+
+def test_an_api_key_is_required_when_set(keyed):
+    body = {"model": "runs/my-model", "prompt": "a", "max_tokens": 2}
+    missing = httpx.post(f"{keyed.url}/v1/completions", json=body)
+    wrong = httpx.post(f"{keyed.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    for response in (missing, wrong):
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        keyed.client("nope").models.list()
+    assert keyed.client("sekret").completions.create(**body).choices[0].finish_reason == "length"
+    assert httpx.get(f"{keyed.url}/health").status_code == 200  # for load balancers, no key
+
+
+def test_the_readme_client_example_runs_against_the_server(keyed, capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    serving = readme[readme.index("## Serving"):]
+    example = re.search(r"```py\n(.*?)```", serving, flags=re.DOTALL).group(1)
+    exec(compile(example.replace("http://127.0.0.1:8000", keyed.url), "README.md", "exec"), {})  # noqa: S102 - the example as written
+    assert len(capsys.readouterr().out) > 64
 
 
 def test_an_exception_in_one_request_fails_that_request_only(server, trained_tiny):
@@ -314,7 +351,7 @@ def test_an_exception_in_one_request_fails_that_request_only(server, trained_tin
         server.engine.tokenizer.poison = None
     assert isinstance(results[bad], openai.InternalServerError) and "poisoned token" in str(results[bad])
     assert results[good].choices[0].text == text_of(good_ids)
-    wait_for(lambda: server.stats()["active_sequences"] == 0)
+    wait_for(server.idle)
 
 
 def free_port() -> int:

@@ -60,10 +60,10 @@ def prefill_rows(model: nn.Module, cache: CacheRows, prompts: list[list[int]]) -
     return model.to_logits(model.norm(x))
 
 
-def decode_rows(model: nn.Module, cache: CacheRows, tokens: Tensor, positions: Tensor) -> Tensor:
+def decode_rows(model: nn.Module, cache: CacheRows, tokens: Tensor, positions: Tensor, keys: int) -> Tensor:
     """Logits (b, vocab) for one new token per row, `tokens` (b,) at `positions` (b,), each
-    attending to its own row's cached positions [0, position]."""
-    keys = int(positions.max()) + 1
+    attending to its own row's cached positions [0, position]; `keys` is max(positions) + 1 (given,
+    so that a compiled step needs no device-to-host read)."""
     mask = (torch.arange(keys, device=positions.device) <= positions[:, None])[:, None, None]  # (b, 1, 1, keys)
     rotary = tuple(t[:, None, None] for t in model.rotary_tables(positions, xpos_offset=0))  # (b, 1, 1, d) each
     rows = torch.arange(tokens.shape[0], device=tokens.device)

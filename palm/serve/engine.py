@@ -6,7 +6,8 @@ sequences, then joins at the next step: its prompt is prefilled into its rows (t
 whatever else arrived, up to `prefill_tokens` prompt tokens, or one longer prompt) and from then on
 it decodes in the same batch as the others. A sequence that ends (end-of-text, a stop string,
 `max_tokens`) or whose request is cancelled gives its row back before the next step; the batch is
-kept dense by moving the last row into the hole.
+kept dense by moving the last row into the hole. An idle engine that gets a request waits
+`gather_s` (5 ms) for others sent at the same moment, so that they share one prefill.
 
 The engine reports to each request through its `on_event` callback, called from the engine thread
 with a list of `Piece`s (or a `Failed`) after every step that produced something for it.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -100,13 +102,14 @@ class Engine:
     """Decodes the requests given to `submit` as one batch, on a thread of its own (`start`/`stop`)."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 prefill_tokens: int = 512, compile: bool = False):
+                 prefill_tokens: int = 512, gather_s: float = 0.005, compile: bool = False):
         self.tokenizer = tokenizer
         self.decoder = decoding_view(model)
         self.device = model.token_emb.weight.device
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or model.config.max_seq_len
         self.prefill_tokens = prefill_tokens
+        self.gather_s = gather_s
         self.cache = self.decoder.make_cache(max_batch_size, self.max_seq_len)
         self.decode = decode_rows
         if compile:
@@ -117,6 +120,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.prefilling = 0  # sequences taken from the queue, not yet in the batch
         self.steps = 0
         self.prefills = 0
         self.generated_tokens = 0
@@ -156,6 +160,7 @@ class Engine:
             "max_seq_len": self.max_seq_len,
             "active_sequences": len(self.rows),
             "free_slots": self.max_batch_size - len(self.rows),
+            "prefilling_sequences": self.prefilling,
             "waiting_requests": len(self.waiting),
             "decode_steps": self.steps,
             "prefills": self.prefills,
@@ -169,14 +174,21 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not self._stopping and not self.rows and not self.waiting:
-                        self._wake.wait()
+                    if not self.rows and not self.waiting:
+                        while not self._stopping and not self.waiting:
+                            self._wake.wait()
+                        # requests sent together reach the server one by one: let them share a prefill
+                        deadline = time.monotonic() + self.gather_s
+                        while not self._stopping and time.monotonic() < deadline:
+                            self._wake.wait(deadline - time.monotonic())
                     if self._stopping:
                         break
                     self._drop_cancelled()
                     admitted = self._admissible()
                 if admitted:
+                    self.prefilling = sum(job.size for job in admitted)
                     self._prefill(admitted)
+                    self.prefilling = 0
                 if self.rows:
                     self._decode_step()
             with self._wake:
@@ -235,9 +247,10 @@ class Engine:
     def _decode_step(self) -> None:
         rows = self.rows
         tokens = torch.tensor([seq.last_token for seq in rows], device=self.device)
-        positions = torch.tensor([seq.cached for seq in rows], device=self.device)
+        positions = [seq.cached for seq in rows]
         try:
-            logits = self.decode(self.decoder, CacheRows.of(self.cache, 0, len(rows)), tokens, positions)
+            logits = self.decode(self.decoder, CacheRows.of(self.cache, 0, len(rows)), tokens,
+                                 torch.tensor(positions, device=self.device), max(positions) + 1)
         except Exception as e:  # cannot tell whose: fail the batch, keep serving
             log.exception("decode step failed")
             for job in {seq.job for seq in rows}:
