@@ -21,7 +21,7 @@ from palm.inference.chat import reply
 from palm.prompts import get_prompt_style, saved_prompt_style
 from palm.training.finetune import reply_loss
 
-NAME = re.compile(r"`(\w+)\(")
+NAME = re.compile(r"`def (\w+)\(")
 
 
 @torch.no_grad()

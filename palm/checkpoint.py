@@ -22,7 +22,7 @@ from palm.config import PaLMConfig, canonical_name, get_config, preset_matching
 from palm.dtypes import resolve_dtype
 from palm.errors import PalmError
 from palm.files import write_atomically
-from palm.hub import hub_download
+from palm.hub import check_exists_or_remote, hub_download
 from palm.model import PaLM, RotaryEmbedding
 
 CONFIG_NAME = "config.json"
@@ -88,8 +88,10 @@ def read_source(source: str | os.PathLike) -> tuple[dict[str, Tensor], PaLMConfi
         if path.suffix == ".safetensors":
             found = PaLMConfig.from_json(sibling_config) if sibling_config.is_file() else None
             return read_safetensors(path), found, str(path)
-        return read_torch_state_dict(path), None, str(path)
+        sidecar = reference_config_path(path)
+        return read_torch_state_dict(path), PaLMConfig.from_json(sidecar) if sidecar.is_file() else None, str(path)
 
+    check_exists_or_remote(str(source))
     name = canonical_name(str(source))
     if name is not None:
         repo, filename = HUB_CHECKPOINTS.get(name, (None, None))
@@ -135,6 +137,8 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 def read_pretrained_dir(directory: Path) -> dict[str, Tensor]:
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
+    if missing and (directory / "model" / CONFIG_NAME).is_file():  # a training run or one of its checkpoints
+        raise PalmError(f"{directory} is a training run (or checkpoint) directory; its model is {directory / 'model'}")
     if missing:
         raise PalmError(f"{directory} is not a palm model directory: no {' or '.join(missing)} in it")
     return read_safetensors(directory / WEIGHTS_NAME)
@@ -265,5 +269,13 @@ def save_state_dict(state: dict[str, Tensor], config: PaLMConfig, directory: str
 
 
 def save_reference_checkpoint(model: PaLM, path: str | os.PathLike) -> None:
-    """Write a `.pt` state dict that palm-rlhf-pytorch 0.2.1-0.2.3 loads with `load_state_dict`."""
-    write_atomically(Path(path), lambda tmp: torch.save(model.state_dict(), tmp))
+    """Write a `.pt` state dict that palm-rlhf-pytorch 0.2.1-0.2.3 loads with `load_state_dict`,
+    and its config beside it (`x.pt` -> `x.config.json`): the tensors alone do not tell the
+    context length, and palm reads the config back when it is there."""
+    path = Path(path)
+    write_atomically(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    write_atomically(reference_config_path(path), lambda tmp: Path(tmp).write_text(model.config.to_json()))
+
+
+def reference_config_path(path: Path) -> Path:
+    return path.with_suffix(".config.json")

@@ -29,3 +29,26 @@ def require_eos(tokenizer) -> int:
     if tokenizer.eos_id is None:
         raise PalmError(f"tokenizer {tokenizer.name} has no end-of-text token; name one with --eos_token")
     return tokenizer.eos_id
+
+
+def check_device(name: str | None) -> str:
+    """`name` as a device this machine has (default: cuda where there is one, else cpu)."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PalmError(f"--device {name}: not a device (cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise PalmError(f"--device {name}: {why}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise PalmError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise PalmError(f"--device {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise PalmError(f"--device {name}: palm runs on cpu, cuda or mps")
+    return str(device)

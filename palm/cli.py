@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from palm.dtypes import DTYPES
-from palm.errors import PalmError
+from palm.errors import PalmError, Stopped
 
 
 def config_from_arg(value: str | None):
@@ -77,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
     from palm.checkpoint import load
-    from palm.checks import check_at_least, check_vocabulary
+    from palm.checks import check_at_least, check_device, check_vocabulary
     from palm.inference.decoding import check_context, stream
     from palm.inference.quantization import quantize
     from palm.inference.sampling import check_sampling_options
@@ -88,8 +88,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise PalmError("empty prompt")
     check_sampling_options(args.temperature, args.filter_thres, args.top_k, args.top_p)
     check_at_least("--num_samples", args.num_samples, 1)
+    check_at_least("--seq_len", args.seq_len, 2)
+    if args.max_new_tokens is not None:
+        check_at_least("--max_new_tokens", args.max_new_tokens, 1)
+    if args.seed is not None:
+        check_at_least("--seed", args.seed, 0)
     tokenizer = load_tokenizer(args.tokenizer)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     model = load(args.checkpoint or args.model, device=device, dtype=args.dtype)
     check_vocabulary(tokenizer, model.config.num_tokens)
     prompt_ids = torch.tensor(tokenizer.encode(prompt))
@@ -206,6 +211,7 @@ TRAIN_HELPS = {
     "init_from": "start from these weights (anything palm.load takes) for continued pretraining",
     "data": "build-dataset directory, Hub dataset of packed input_ids, or raw text files (default: Python's stdlib source)",
     "val_data": "validation data (default: the data's validation split, if any)",
+    "tokenizer": "Hub name, tokenizer.json, or 'bytes' (default: the one --data was built with, else bytes)",
 }
 FINETUNE_HELPS = {
     "checkpoint": "the model to fine-tune: " + "a preset name, a .pt or .safetensors file, a model directory, or a Hub repo id",
@@ -247,7 +253,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
     import torch
 
     from palm.checkpoint import load
-    from palm.checks import check_at_least, check_vocabulary
+    from palm.checks import check_at_least, check_device, check_vocabulary
     from palm.inference.chat import reply
     from palm.inference.quantization import quantize
     from palm.inference.sampling import check_sampling_options
@@ -256,14 +262,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
     check_sampling_options(args.temperature, args.filter_thres, args.top_k, args.top_p)
     check_at_least("--max_new_tokens", args.max_new_tokens, 1)
-    style = get_prompt_style(args.prompt_style) if args.prompt_style else saved_prompt_style(args.checkpoint)
+    if args.seed is not None:
+        check_at_least("--seed", args.seed, 0)
+    style = get_prompt_style(args.prompt_style) if args.prompt_style else None
+    device = check_device(args.device)
+    model = load(args.checkpoint, device=device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer)
+    style = style or saved_prompt_style(args.checkpoint)
     if style is None:
         style = get_prompt_style(BASE_MODEL_STYLE)
         print(f"palm chat: {args.checkpoint} has no saved prompt style; using '{style.name}' "
               "(--prompt_style to choose)", file=sys.stderr)
-    tokenizer = load_tokenizer(args.tokenizer)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(args.checkpoint, device=device, dtype=args.dtype)
     check_vocabulary(tokenizer, model.config.num_tokens)
     if args.quantize:
         quantize(model, args.quantize)
@@ -325,7 +334,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="palm", description="Load, run, train and fine-tune PaLM models.")
+    parser = OneLineErrors(prog="palm", description="Load, run, train and fine-tune PaLM models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     source_help = "a preset name, a .pt or .safetensors file, a model directory, or a Hub repo id"
     config_help = "preset name or config.json to use instead of the inferred config"
@@ -396,18 +405,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = f"palm {args.command}"
     try:
         args.func(args)
+    except Stopped as e:  # a run stopped by a signal, its state saved
+        print(f"{command}: {e}", file=sys.stderr)
+        return e.exit_code
     except PalmError as e:
-        print(f"palm {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print(f"\n{command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except Exception as e:  # a failure palm did not foresee: one line unless asked for the traceback
+        if os.environ.get("PALM_DEBUG"):
+            raise
+        if isinstance(e, OSError) and e.strerror:
+            what = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        else:
+            what = f"{type(e).__name__}: {_one_line(str(e))}" if str(e) else type(e).__name__
+        print(f"{command}: error: {what} (PALM_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 if __name__ == "__main__":

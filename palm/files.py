@@ -28,3 +28,33 @@ def make_shareable(path: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """Whether `path` is `directory` or lies within it (symlinks resolved)."""
+    path, directory = Path(path).resolve(), Path(directory).resolve()
+    return path == directory or directory in path.parents
+
+
+def check_output_directory(output: Path, *, flag: str, marker: str | tuple[str, ...], what: str, overwrite: bool,
+                           inputs=(), scaffolding: tuple[str, ...] = ()) -> bool:
+    """Make sure writing `output` loses nothing of the user's; returns whether it holds something
+    of palm's to replace. It must not hold one of the command's `inputs`; when it already holds
+    files, `overwrite` is needed, and it replaces only a directory that palm wrote itself (it holds
+    a `marker`). Entries named in `scaffolding` (left by a start that failed) need no --overwrite.
+    Raises PalmError otherwise."""
+    from palm.errors import PalmError
+
+    for source in inputs:
+        if source is not None and Path(source).exists() and inside(source, output):
+            raise PalmError(f"{flag} {output} holds the input {source}; write somewhere else")
+    if output.exists() and not output.is_dir():
+        raise PalmError(f"{flag} {output} is a file; give a directory")
+    if not output.is_dir() or not any(output.iterdir()):
+        return False
+    markers = (marker,) if isinstance(marker, str) else marker
+    if not any((output / name).exists() for name in markers):
+        raise PalmError(f"{flag} {output} already holds files that palm did not write; choose an empty or new directory")
+    if not overwrite and not all(entry.name in scaffolding for entry in output.iterdir()):
+        raise PalmError(f"{output} already holds {what}; pass --overwrite to replace it")
+    return True

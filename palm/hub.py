@@ -8,6 +8,25 @@ from pathlib import Path
 from palm.errors import PalmError
 
 
+LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json", ".jsonl", ".parquet", ".txt", ".csv", ".py", ".yaml")
+
+
+def looks_local(source: str) -> bool:
+    """Whether a source that does not exist was meant as a local path rather than a Hub repo id
+    (`owner/name`): it starts with `.`, `/` or `~`, has more than one `/`, a file suffix, or a
+    first part that exists here (`runs/tiny-typo` when runs/ exists)."""
+    source = str(source)
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        return True
+    return Path(source).suffix in LOCAL_SUFFIXES or ("/" in source and Path(source.split("/")[0]).exists())
+
+
+def check_exists_or_remote(source: str) -> None:
+    """A missing local path is reported as such at once, without asking the Hub."""
+    if not Path(source).exists() and looks_local(source):
+        raise PalmError(f"{source}: no such file or directory")
+
+
 @contextlib.contextmanager
 def _hub_errors(action: str, hint: str = ""):
     from huggingface_hub.utils import logging as hub_logging

@@ -9,7 +9,7 @@ import numpy as np
 
 from palm.checks import require_eos
 from palm.errors import PalmError
-from palm.hub import hub_download
+from palm.hub import check_exists_or_remote, hub_download
 
 DEFAULT_TOKENIZER = "EleutherAI/gpt-neox-20b"
 # Special tokens taken as end-of-text when no tokenizer_config.json names one.
@@ -130,7 +130,8 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, *, eos_token: str | No
     if path.is_file():
         config_path = path.with_name("tokenizer_config.json")
         return _from_file(path, str(name_or_path), config_path if config_path.is_file() else None, eos_token)
-    if "/" not in str(name_or_path) or str(name_or_path).startswith((".", "/")):
+    check_exists_or_remote(str(name_or_path))
+    if "/" not in str(name_or_path):
         raise PalmError(f"tokenizer {name_or_path!r}: no such file, and not a Hub repo id or 'bytes'")
     tokenizer_path = hub_download(str(name_or_path), "tokenizer.json")
     try:

@@ -175,14 +175,13 @@ def test_chat_data_learns_every_assistant_turn(setup, tmp_path):
 ])
 def test_bad_settings_are_one_line_and_touch_nothing(setup, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    (tmp_path / "keep.txt").write_text("mine")
     argv = ["finetune", "--checkpoint", str(setup / "base"), "--data", str(setup / "data.jsonl"), "--seq_len", "64",
             "--out_dir", str(out), "--quiet", *extra]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"] and (tmp_path / "keep.txt").read_text() == "mine"
 
 
 def test_bad_data_is_one_line(setup, tmp_path, capsys):

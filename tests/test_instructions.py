@@ -128,6 +128,6 @@ def test_the_offline_instruction_set_asks_for_functions_it_answers():
     assert len(train) > 500 and len(held) > 20
     for record in held[:20]:
         asked, answer = record.messages[0]["content"], record.messages[1]["content"]
-        name = asked.split("`")[1].split("(")[0]
-        assert "\n\nWrite this as the Python function `" in asked and answer.startswith(f"def {name}(")
+        name = asked.split("`def ")[1].split("(")[0]
+        assert "\n\nWrite this as the Python function `def " in asked and answer.startswith(f"def {name}(")
     assert not {r.where.split(":")[0] for r in train} & {r.where.split(":")[0] for r in held}

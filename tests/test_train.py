@@ -160,7 +160,7 @@ def test_resume_reproduces_the_uninterrupted_run(setup, uninterrupted, tmp_path,
         run(setup, tmp_path)
     monkeypatch.undo()
     assert max(records(tmp_path)) == 8
-    with pytest.raises(PalmError, match="already holds checkpoints; pass --resume auto"):
+    with pytest.raises(PalmError, match="already holds a run \(--resume auto continues it\); pass --overwrite"):
         run(setup, tmp_path)
     run(setup, tmp_path, resume="auto")
     expected, got = records(uninterrupted), records(tmp_path)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from palm.checks import check_seq_len, require_eos
+from palm.checks import check_at_least, check_seq_len, require_eos
 from palm.data.documents import hub_documents, local_files, read_documents, shuffle_documents
 from palm.data.packed import METADATA_NAME, Packer, token_dtype
 from palm.errors import PalmError
+from palm.files import check_output_directory
 
 SPLITS = ("train", "validation")
 SHARD_TOKENS = 1 << 27  # about 256 MB of uint16 per parquet shard
@@ -133,7 +134,10 @@ def build_dataset(
     require_eos(tokenizer)
     output = Path(output) if output is not None else None
     if output is not None:
-        _check_output(output, overwrite)
+        check_output_directory(output, flag="--output", marker=METADATA_NAME, what="a dataset", overwrite=overwrite,
+                               inputs=[dataset_name])
+        _check_writable(output)
+    check_at_least("--val_docs", val_docs, 0)
 
     files = local_files(dataset_name)
     if files is not None:
@@ -212,6 +216,9 @@ def _pack_splits(documents, tokenizer, work, seq_len, dtype, seed, val_docs, val
 
     if stats["train"].documents + stats["validation"].documents == 0:
         raise PalmError("the corpus is empty: no non-empty documents")
+    if not stats["train"].documents:
+        held = f"--val_docs {val_docs}" if val_docs else f"--val_fraction {val_fraction}"
+        raise PalmError(f"{held} holds out all {stats['validation'].documents:,} documents: none are left to train on")
     for name in SPLITS:
         s = stats[name]
         s.files = writers[name].close()
@@ -262,12 +269,7 @@ def _progress_bar(enabled: bool):
     return tqdm(unit=" docs", desc="build-dataset", file=sys.stderr, dynamic_ncols=True)
 
 
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not output.is_dir():
-        raise PalmError(f"{output} is a file; --output must be a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        what = "a dataset" if (output / METADATA_NAME).exists() else "files"
-        raise PalmError(f"{output} already holds {what}; pass --overwrite to replace it")
+def _check_writable(output: Path) -> None:
     probe = output if output.exists() else output.parent
     while not probe.exists():
         probe = probe.parent

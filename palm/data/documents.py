@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from palm.errors import PalmError
+from palm.hub import check_exists_or_remote
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 DOCS_PER_BATCH = 1000
@@ -50,8 +51,7 @@ def local_files(spec: str) -> list[Path] | None:
         if not files:
             raise PalmError(f"no files match {spec}")
         return files
-    if spec.startswith((".", "/", "~")) or Path(spec).suffix in TEXT_SUFFIXES:
-        raise PalmError(f"{spec}: no such file or directory")
+    check_exists_or_remote(spec)
     return None
 
 

@@ -8,7 +8,7 @@ Record formats (the first record decides; `columns` maps other field names onto 
 
 The default data set needs no download: instructions made from the Python standard library's own
 functions (the first paragraph of a function's docstring, then "Write this as the Python function
-`name(signature)`."), the function's source as the response, every 20th file held out as in
+`def name(signature)`."), the function's source as the response, every 20th file held out as in
 `palm train`'s default run.
 """
 
@@ -225,7 +225,7 @@ def stdlib_instructions() -> tuple[list[Record], list[Record]]:
 
 
 def function_instruction(name: str, signature: str, summary: str) -> str:
-    return f"{summary}\n\nWrite this as the Python function `{name}({signature})`."
+    return f"{summary}\n\nWrite this as the Python function `def {name}({signature})`."
 
 
 def _function_records(files: list[Path]) -> list[Record]:

@@ -72,16 +72,47 @@ def _fsync_tree(directory: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def resolve_resume(resume: str | None, out_dir: Path) -> Path | None:
-    """The checkpoint to continue from: None for a fresh run, the newest for `auto`, or a path."""
+def resolve_resume(resume: str | None, out_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
+    """The checkpoint to continue from: None for a fresh run, the newest intact one for `auto`
+    (a damaged one is skipped with a warning), or a path."""
     if resume is None:
-        if complete_checkpoints(out_dir):
-            raise PalmError(f"{out_dir} already holds checkpoints; pass --resume auto to continue that run, or another --out_dir")
         return None
     if resume == "auto":
-        found = complete_checkpoints(out_dir)
-        return found[-1] if found else None  # nothing yet: start from scratch
+        for checkpoint in reversed(complete_checkpoints(out_dir)):
+            damage = find_damage(checkpoint)
+            if damage is None:
+                return checkpoint
+            warn(f"warning: skipping the damaged checkpoint {checkpoint} ({damage})")
+        return None  # nothing (intact) yet: start from scratch
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise PalmError(f"--resume {path}: not a complete palm training checkpoint")
+    damage = find_damage(path)
+    if damage is not None:
+        raise PalmError(f"--resume {path}: the checkpoint is damaged ({damage})")
     return path
+
+
+def find_damage(checkpoint: Path) -> str | None:
+    """What makes `checkpoint` unreadable (a truncated or garbled file), or None if it reads whole."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for path in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            elif path.suffix in (".bin", ".pt") and zipfile.is_zipfile(path):
+                with zipfile.ZipFile(path) as archive:
+                    if archive.testzip() is not None:
+                        raise ValueError("a member fails its checksum")
+            elif path.suffix in (".bin", ".pt"):
+                raise ValueError("not a complete torch.save archive")
+        except Exception as e:  # every reader has its own error types; any of them means damage
+            return f"{path.relative_to(checkpoint)}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    return None

@@ -5,6 +5,7 @@ Imports no torch, so the CLI starts fast."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from palm.dtypes import DTYPES
 from palm.errors import PalmError
 
 OPTIMIZERS = ("adamw", "stable_adamw", "lion")
+# The smallest value of each numeric option (of every run config; None means unset).
+MINIMUMS = {"max_steps": 1, "max_tokens": 1, "batch_size": 1, "grad_accum": 1, "warmup_steps": 0, "weight_decay": 0,
+            "grad_clip": 0, "seed": 0, "save_every": 1, "keep_last": 1, "eval_every": 1, "eval_windows": 1,
+            "log_every": 1, "samples": 0, "lora_r": 1}
+POSITIVE = ("lr", "peak_tflops", "lora_alpha")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -43,6 +49,7 @@ class RunConfig:
     eval_windows: int = 128  # validation samples per evaluation
     log_every: int = 40
     resume: str | None = None  # a checkpoint directory, or "auto" for the newest in out_dir
+    overwrite: bool = False  # replace the run already in out_dir
     trackers: list[str] = field(default_factory=list)  # tensorboard, wandb
     peak_tflops: float | None = None  # for MFU; None: known GPU peak, or measured on CPU
     samples: int = 3  # samples printed at the end
@@ -79,13 +86,21 @@ class RunConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise PalmError(f"--{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "grad_accum", "save_every", "eval_every", "log_every", "keep_last"):
-            check_at_least(f"--{name}", getattr(self, name), 1)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise PalmError(f"--{f.name} must be a finite number, got {value}")
+            if f.name in MINIMUMS and value is not None:
+                check_at_least(f"--{f.name}", value, MINIMUMS[f.name])
+            if f.name in POSITIVE and value is not None and not value > 0:
+                raise PalmError(f"--{f.name} must be positive, got {value}")
         if (self.max_steps is None) == (self.max_tokens is None):
             raise PalmError("give exactly one of --max_steps and --max_tokens")
         check_seq_len(self.seq_len)
         if not 0 <= self.min_lr <= self.lr:
             raise PalmError(f"need 0 <= --min_lr <= --lr, got {self.min_lr} and {self.lr}")
+        if self.resume is not None and self.overwrite:
+            raise PalmError("--resume continues the run in --out_dir and --overwrite replaces it: give one of them")
         for tracker in self.trackers:
             if tracker not in ("tensorboard", "wandb"):
                 raise PalmError(f"unknown tracker {tracker!r} (tensorboard, wandb)")
@@ -101,7 +116,7 @@ class TrainConfig(RunConfig):
     data: str | None = None  # None: the Python standard library's source (.py files)
     val_data: str | None = None  # None: the data's validation split, or held-out stdlib files
     streaming: bool = False  # stream a Hub dataset instead of downloading it
-    tokenizer: str = "bytes"
+    tokenizer: str | None = None  # None: the one a built dataset records, else bytes
 
 
 FINETUNE_METHODS = ("lora", "full")
@@ -149,7 +164,6 @@ class FinetuneConfig(RunConfig):
             raise PalmError(f"--quantize must be int8, got {self.quantize!r}")
         if self.quantize and self.method == "full":
             raise PalmError("--quantize int8 keeps the base weights frozen: it goes with --method lora, not full")
-        check_at_least("--lora_r", self.lora_r, 1)
         if not 0 <= self.lora_dropout < 1:
             raise PalmError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:

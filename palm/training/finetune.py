@@ -113,6 +113,9 @@ class Finetuning(Task):
         last = torch.where(batch["labels"] != IGNORE, torch.arange(batch["labels"].shape[1], device=batch["labels"].device), -1)
         return int((last.amax(dim=1) + 1).sum())
 
+    def inputs(self) -> list[str]:
+        return [s for s in (self.config.checkpoint, self.config.data, self.config.val_data) if s is not None]
+
     def describe(self) -> list[str]:
         c, t = self.config, self.train_examples
         method = (f"LoRA r={c.lora_r} alpha={c.lora_alpha} on {c.lora_targets}" + (" over int8 weights" if c.quantize else "")

@@ -9,6 +9,8 @@ from the model's config and activation checkpointing wraps its blocks. The model
 this module: parallelism, precision, activation checkpointing and compilation are applied from
 outside.
 
+    out_dir/palm_run.json          marks the directory as a palm run (--overwrite replaces no other)
+    out_dir/.lock                  held by the process writing the run
     out_dir/config.yaml            resolved configuration
     out_dir/metrics.jsonl          one JSON object per optimizer step and per evaluation
     out_dir/checkpoints/step-N/    see palm.training.checkpoints
@@ -25,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -33,7 +36,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from palm.errors import PalmError
+from palm.errors import PalmError, Stopped
+from palm.files import check_output_directory
 from palm.training.checkpoints import resolve_resume, save_checkpoint
 from palm.training.config import RunConfig
 from palm.training.metrics import MetricsLog, flops_per_token, memory_in_use, peak_flops, plot_losses
@@ -84,6 +88,10 @@ class Task(abc.ABC):
         """Lines on the model and data for the run's header (called after `training_batches`)."""
         return []
 
+    def inputs(self) -> list[str]:
+        """The local paths the run reads (data, starting weights): the run directory must not hold them."""
+        return []
+
     def finish(self, model: nn.Module, directory: Path, device: torch.device) -> None:
         """Called on the main process once the final model is saved in `directory` (e.g. to say
         how to use it, and print samples)."""
@@ -96,84 +104,99 @@ def run(config: RunConfig, task: Task, *, progress: bool = True) -> Path:
     _check_trackers_installed(config.trackers)
     out_dir = run_directory(config, task.name)
     _check_writable(out_dir)
-    resume_from = resolve_resume(config.resume, out_dir)
+    replace = False
+    if config.resume is None:
+        replace = check_output_directory(out_dir, flag="--out_dir", marker=RUN_MARKERS, overwrite=config.overwrite,
+                                         what="a run (--resume auto continues it)", inputs=task.inputs(),
+                                         scaffolding=(".lock", RUN_MARKERS[0], "config.yaml"))
 
+    created = not out_dir.exists()
     accelerator = _accelerator(config, out_dir)
     say = accelerator.print
-    set_seed(config.seed)
-    if config.precision == "bf16" and accelerator.device.type == "cpu" and not _cpu_has_bf16():
-        say("warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast will be slower than fp32")
+    lock = _claim(out_dir, replace) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    try:  # a start that fails leaves no run directory behind it
+        resume_from = resolve_resume(config.resume, out_dir, warn=say)
+        set_seed(config.seed)
+        if config.precision == "bf16" and accelerator.device.type == "cpu" and not _cpu_has_bf16():
+            say("warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast will be slower than fp32")
 
-    model = task.build_model()
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    partial = len(trainable) < len(list(model.parameters()))
-    if partial:
-        _checkpoint_trainable_only(accelerator, trainable)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    loader = task.training_batches(model, rank, world)
-
-    tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * world
-    max_steps = config.max_steps or math.ceil(config.max_tokens / tokens_per_step)
-
-    if config.activation_checkpointing:
-        _checkpoint_blocks(model)
-    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
-                               fused=accelerator.device.type == "cuda")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if config.compile:
-        model = torch.compile(model)
-
-    step, tokens_seen, nonfinite_in_a_row = 0, 0, 0
-    if resume_from is not None:
-        accelerator.load_state(str(resume_from), strict=not partial)
+        model = task.build_model()
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        partial = len(trainable) < len(list(model.parameters()))
         if partial:
-            _check_holds(resume_from, trainable)
-        state = json.loads((resume_from / "trainer_state.json").read_text())
-        step, tokens_seen = state["step"], state["tokens"]
-        loader.load_state_dict(json.loads((resume_from / f"data_rank{rank}.json").read_text()))
-        say(f"resumed from {resume_from} at step {step}")
+            _checkpoint_trainable_only(accelerator, trainable)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        loader = task.training_batches(model, rank, world)
 
-    resolved = _to_yaml({**dataclasses.asdict(config), "out_dir": str(out_dir), "max_steps": max_steps})
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(resolved)
-    metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator.is_main_process, step if resume_from else None)
-    if config.trackers:
-        # One wandb project ("palm") with a run per run directory; tensorboard writes to <out_dir>/palm.
-        accelerator.init_trackers("palm", config={k: str(v) for k, v in dataclasses.asdict(config).items()},
-                                  init_kwargs={"wandb": {"name": out_dir.name}})
+        tokens_per_step = config.batch_size * config.seq_len * config.grad_accum * world
+        max_steps = config.max_steps or math.ceil(config.max_tokens / tokens_per_step)
 
-    unwrapped = accelerator.unwrap_model(model)
-    n_params = sum(p.numel() for p in unwrapped.parameters())
-    n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
-    flops = flops_per_token(unwrapped.config, n_params, config.seq_len)
-    peak, peak_source = (config.peak_tflops * 1e12, "--peak_tflops") if config.peak_tflops else peak_flops(accelerator.device, config.precision)
-    say("\n".join([
-        resolved.rstrip(),
-        *task.describe(),
-        f"parameters: {n_params / 1e6:.1f}M, {n_trainable:,} trained ({100 * n_trainable / n_params:.2f}%)",
-        f"{world} process(es) x {config.batch_size} x {config.grad_accum} windows of {config.seq_len} tokens = "
-        f"{tokens_per_step:,} tokens per step, {max_steps:,} steps",
-        f"MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})",
-    ]))
+        if config.activation_checkpointing:
+            _checkpoint_blocks(model)
+        optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay,
+                                   fused=accelerator.device.type == "cuda")
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if config.compile:
+            model = torch.compile(model)
+
+        step, tokens_seen, nonfinite_in_a_row = 0, 0, 0
+        if resume_from is not None:
+            accelerator.load_state(str(resume_from), strict=not partial)
+            if partial:
+                _check_holds(resume_from, trainable)
+            state = json.loads((resume_from / "trainer_state.json").read_text())
+            step, tokens_seen = state["step"], state["tokens"]
+            loader.load_state_dict(json.loads((resume_from / f"data_rank{rank}.json").read_text()))
+            say(f"resumed from {resume_from} at step {step}")
+
+        resolved = _to_yaml({**dataclasses.asdict(config), "out_dir": str(out_dir), "max_steps": max_steps})
+        if accelerator.is_main_process:
+            (out_dir / "config.yaml").write_text(resolved)
+        metrics = MetricsLog(out_dir / "metrics.jsonl", accelerator.is_main_process, step if resume_from else None)
+        if config.trackers:
+            # One wandb project ("palm") with a run per run directory; tensorboard writes to <out_dir>/palm.
+            accelerator.init_trackers("palm", config={k: str(v) for k, v in dataclasses.asdict(config).items()},
+                                      init_kwargs={"wandb": {"name": out_dir.name}})
+
+        unwrapped = accelerator.unwrap_model(model)
+        n_params = sum(p.numel() for p in unwrapped.parameters())
+        n_trainable = sum(p.numel() for p in unwrapped.parameters() if p.requires_grad)
+        flops = flops_per_token(unwrapped.config, n_params, config.seq_len)
+        peak, peak_source = (config.peak_tflops * 1e12, "--peak_tflops") if config.peak_tflops else peak_flops(accelerator.device, config.precision)
+        say("\n".join([
+            resolved.rstrip(),
+            *task.describe(),
+            f"parameters: {n_params / 1e6:.1f}M, {n_trainable:,} trained ({100 * n_trainable / n_params:.2f}%)",
+            f"{world} process(es) x {config.batch_size} x {config.grad_accum} windows of {config.seq_len} tokens = "
+            f"{tokens_per_step:,} tokens per step, {max_steps:,} steps",
+            f"MFU against {peak / 1e12:.2f} TFLOP/s per device ({peak_source})",
+        ]))
+    except BaseException:
+        if created and lock is not None:
+            lock.close()
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
 
     bar = _progress(progress and accelerator.is_main_process, step, max_steps)
     last_saved = resume_from
     window_start, window_tokens = time.perf_counter(), 0
+    stop = _StopRequests()
     while step < max_steps:
         model.train()
         lr = learning_rate(step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                            max_steps=max_steps, schedule=config.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals = torch.zeros(2, device=accelerator.device)  # loss, tokens
+        totals = torch.zeros(3, device=accelerator.device)  # loss, tokens, stop requests
         for micro in range(config.grad_accum):
             batch = _to_device(next(loader), accelerator.device)
             sync = micro == config.grad_accum - 1
             with _maybe_no_sync(accelerator, model, sync), accelerator.autocast():
                 loss = task.loss(model, batch) / config.grad_accum
                 accelerator.backward(loss)
-            totals += torch.stack([loss.detach().float(), torch.tensor(float(task.count_tokens(batch)), device=totals.device)])
+            totals[:2] += torch.stack([loss.detach().float(), torch.tensor(float(task.count_tokens(batch)), device=totals.device)])
+        totals[2] = float(stop.signal is not None)  # reduced with the rest, so every process stops at the same step
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
         totals = accelerator.reduce(totals, "sum")
         step_loss, step_tokens = totals[0] / world, int(totals[1].item())
@@ -220,10 +243,19 @@ def run(config: RunConfig, task: Task, *, progress: bool = True) -> Path:
                     accelerator.log({"val_loss": val_loss}, step=step)
                 _write(bar, say, f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
                 window_start, window_tokens = time.perf_counter(), 0
-        if step % config.save_every == 0 and step < max_steps:
+        stopping = totals[2].item() > 0
+        if (step % config.save_every == 0 and step < max_steps) or stopping:
             state = {"step": step, "tokens": tokens_seen, "max_steps": max_steps}
             last_saved = save_checkpoint(accelerator, model, task.save_model, out_dir, step, state, loader, config.keep_last)
             window_start, window_tokens = time.perf_counter(), 0
+        if stopping:
+            if bar is not None:
+                bar.close()
+            stop.restore()
+            name, code = stop.describe()
+            raise Stopped(f"stopped by {name} at step {step}/{max_steps}; saved {last_saved}. To continue, run the "
+                          f"same command with --out_dir {out_dir} --resume auto", code)
+    stop.restore()
     if bar is not None:
         bar.close()
 
@@ -236,6 +268,8 @@ def run(config: RunConfig, task: Task, *, progress: bool = True) -> Path:
     if config.trackers:
         accelerator.end_training()
     accelerator.wait_for_everyone()
+    if lock is not None:
+        lock.close()
     return final_dir
 
 
@@ -350,6 +384,73 @@ def _cpu_has_bf16() -> bool:
 
 def _maybe_no_sync(accelerator, model, sync: bool):
     return contextlib.nullcontext() if sync else accelerator.no_sync(model)
+
+
+RUN_MARKERS = ("palm_run.json", "metrics.jsonl")  # a directory holding either is a run of palm's
+
+
+def _claim(out_dir: Path, replace: bool):
+    """Create the run directory, hold its lock for this process's lifetime (so that two runs
+    cannot write one directory), empty it when replacing an earlier run, and mark it as palm's."""
+    import fcntl
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / ".lock", "a+")
+    except OSError as e:
+        raise PalmError(f"--out_dir {out_dir}: cannot create it ({e.strerror or e})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise PalmError(f"--out_dir {out_dir} is in use by {holder}; wait for it to finish or use another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"palm process {os.getpid()}")
+    lock.flush()
+    if replace:
+        for entry in out_dir.iterdir():
+            if entry.name != ".lock":
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    marker = out_dir / RUN_MARKERS[0]
+    if not marker.exists():
+        marker.write_text(json.dumps({"tool": "palm", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    return lock
+
+
+class _StopRequests:
+    """Catches SIGINT and SIGTERM during training so the loop can finish its step, save and stop;
+    a second signal acts at once, as if none were caught."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signal = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self.previous[number] = signal.signal(number, self._requested)
+
+    def _requested(self, number, frame) -> None:
+        self.signal = number
+        self.restore()
+
+    def restore(self) -> None:
+        import signal
+
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def describe(self) -> tuple[str, int]:
+        """(signal name, the exit code a shell gives a process it ends)."""
+        import signal
+
+        number = self.signal or signal.SIGTERM
+        return signal.Signals(number).name, 128 + number
 
 
 def _check_writable(out_dir: Path) -> None:

@@ -4,6 +4,7 @@ library's source, byte by byte: the main job of the README."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from palm.checks import check_vocabulary
 from palm.config import PaLMConfig, get_config, preset_matching
 from palm.data.documents import held_out, stdlib_files
 from palm.data.loader import TokenData, eval_batches, make_loader, open_data
+from palm.data.packed import METADATA_NAME
 from palm.errors import PalmError
 from palm.model import PaLM, next_token_loss
 from palm.tokenizer import Tokenizer, load_tokenizer
@@ -41,7 +43,7 @@ class Pretraining(Task):
 
     def build_model(self) -> nn.Module:
         c = self.config
-        self.tokenizer = load_tokenizer(c.tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer_for(c))
         model = load(c.init_from, dtype=torch.float32) if c.init_from is not None else PaLM(get_config(c.preset))
         self.model_config = model.config
         check_vocabulary(self.tokenizer, model.config.num_tokens)
@@ -70,6 +72,9 @@ class Pretraining(Task):
     def save_model(self, state_dict: dict[str, Tensor], directory: Path) -> None:
         save_state_dict(state_dict, self.model_config, directory)
 
+    def inputs(self) -> list[str]:
+        return [s for s in (self.config.data, self.config.val_data, self.config.init_from) if s is not None]
+
     def describe(self) -> list[str]:
         c = self.config
         name = c.init_from or preset_matching(self.model_config) or c.preset
@@ -78,9 +83,27 @@ class Pretraining(Task):
         return [f"model: {name}", f"data: {data}{validation}"]
 
     def finish(self, model: nn.Module, directory: Path, device: torch.device) -> None:
-        print(f"saved the model to {directory} (palm generate --checkpoint {directory} --tokenizer {self.config.tokenizer})")
+        print(f"saved the model to {directory} (palm generate --checkpoint {directory} --tokenizer {self.tokenizer.name})")
         if self.config.samples:
             print_samples(model, self.tokenizer, self.config.samples, device)
+
+
+def tokenizer_for(config: TrainConfig) -> str:
+    """--tokenizer, else the one a built dataset records (palm_dataset.json), else bytes; a
+    --tokenizer other than the recorded one is refused (the ids would mean other text)."""
+    recorded = None
+    if config.data is not None and (Path(config.data) / METADATA_NAME).is_file():
+        recorded = json.loads((Path(config.data) / METADATA_NAME).read_text()).get("tokenizer")
+    if config.tokenizer is None:
+        return recorded or "bytes"
+    if recorded is not None and not _same_tokenizer(recorded, config.tokenizer):
+        raise PalmError(f"{config.data} was tokenized with {recorded}, not --tokenizer {config.tokenizer}; "
+                        "leave --tokenizer out to use the dataset's")
+    return config.tokenizer
+
+
+def _same_tokenizer(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def open_training_data(config: TrainConfig, tokenizer: Tokenizer) -> tuple[TokenData, TokenData | None]:
