@@ -27,6 +27,7 @@ ALLOWED = {
                  "inference", "prompts", "adapters"},
     "hf": {"errors", "dtypes", "config", "model", "checkpoint", "tokenizer", "prompts", "adapters"},
     "serve": {"errors", "checks", "dtypes", "model", "checkpoint", "tokenizer", "inference", "prompts"},
+    "eval": {"errors", "checks", "dtypes", "model", "checkpoint", "tokenizer", "data", "inference"},
 }
 TOP = {"__init__", "__main__", "cli"}  # the public API and the command line may use everything
 
