@@ -402,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max_new_tokens", type=int, default=256, help="longest reply, in tokens (default: %(default)s)")
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
+
+    from palm.hf.cli import add_commands as add_hf_commands
+    from palm.serve.cli import add_commands as add_serve_commands
+
+    add_hf_commands(commands)
+    add_serve_commands(commands)
     return parser
 
 
