@@ -93,30 +93,107 @@ def tiny_bytes_model(tmp_path, trained_tiny):
     return str(tmp_path / "tiny")
 
 
-def test_generate_streams_text(tiny_bytes_model, capsys):
-    args = ["generate", "Bob has 1", "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes", "--temperature", "0", "--seq_len", "60"]
-    assert main(args) == 0
+PROMPT = "Bob has 1"
+GREEDY = ["generate", PROMPT, "--tokenizer", "bytes", "--temperature", "0", "--seq_len", "60"]  # 51 new tokens
+
+
+def continuation(model, prompt: str, max_new_tokens: int, **options) -> list[str]:
+    """The text palm.generate continues `prompt` with (one row per sample), through the Python API."""
+    from palm.inference.decoding import generate
+
+    ids = torch.tensor(list(prompt.encode()))
+    rows = generate(model, ids.expand(options.pop("num_samples", 1), -1), max_new_tokens, eos_token_id=256, **options)
+    return [bytes(t for t in row[len(ids):].tolist() if t < 256).decode("utf-8", errors="replace") for row in rows]
+
+
+def test_generate_streams_the_greedy_continuation(tiny_bytes_model, trained_tiny, capsys):
+    import copy
+
+    from palm.inference.quantization import quantize
+
+    assert main([*GREEDY, "--checkpoint", tiny_bytes_model]) == 0
     captured = capsys.readouterr()
-    assert captured.out.startswith("Bob has 1") and " apples" in captured.out
+    expected = continuation(trained_tiny, PROMPT, 51, temperature=0)[0]
+    assert captured.out == PROMPT + expected + "\n" and " apples" in expected
     assert "decode" in captured.err and "tokens/s" in captured.err
-    assert main([*args, "--quantize", "int8"]) == 0
-    assert capsys.readouterr().out.startswith("Bob has 1")
-    assert main([*args, "--compile"]) == 0
+    # int8 weights: the greedy continuation of the int8 model, and close to fp32's
+    assert main([*GREEDY, "--checkpoint", tiny_bytes_model, "--quantize", "int8"]) == 0
+    int8 = continuation(quantize(copy.deepcopy(trained_tiny)), PROMPT, 51, temperature=0)[0]
+    assert capsys.readouterr().out == PROMPT + int8 + "\n" and int8[:10] == expected[:10]
+    # --dtype bf16: the bf16 model's own continuation (which differs from fp32's here)
+    assert main([*GREEDY, "--checkpoint", tiny_bytes_model, "--dtype", "bf16"]) == 0
+    bf16 = continuation(copy.deepcopy(trained_tiny).to(torch.bfloat16), PROMPT, 51, temperature=0)[0]
+    assert bf16 != expected and capsys.readouterr().out == PROMPT + bf16 + "\n"
+    assert main([*GREEDY, "--checkpoint", tiny_bytes_model, "--compile"]) == 0
     compiled = capsys.readouterr()
     assert compiled.out == captured.out and "compiling" in compiled.err
 
 
-def test_generate_from_stdin_and_samples(tiny_bytes_model, capsys, monkeypatch):
+def test_generate_sampling_flags(tiny_bytes_model, trained_tiny, capsys):
+    sampled = ["generate", PROMPT, "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes", "--max_new_tokens", "40",
+               "--temperature", "1.5", "--seed", "1", "--device", "cpu"]
+    greedy = PROMPT + continuation(trained_tiny, PROMPT, 40, temperature=0)[0] + "\n"
+    assert main(sampled) == 0
+    assert capsys.readouterr().out != greedy  # at temperature 1.5 the draws leave the greedy path
+    for flags in (["--top_k", "1"], ["--top_p", "1e-6"]):  # one token kept: greedy whatever the temperature
+        assert main([*sampled, *flags]) == 0
+        assert capsys.readouterr().out == greedy, flags
+    assert main([*sampled, "--top_k", "3", "--top_p", "0.9"]) == 0
+    g = torch.Generator().manual_seed(1)
+    expected = continuation(trained_tiny, PROMPT, 40, temperature=1.5, top_k=3, top_p=0.9, generator=g)[0]
+    assert capsys.readouterr().out == PROMPT + expected + "\n"
+    assert main([*sampled[:-2], "--device", "nonsense"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device nonsense" in err[0]
+
+
+def test_generate_from_stdin_and_samples(tiny_bytes_model, trained_tiny, capsys, monkeypatch):
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Carol has"))
     args = ["generate", "-", "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes", "--max_new_tokens", "20", "--seed", "3", "--num_samples", "2"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("--- sample") == 2 and out.count("Carol has") == 2
-    monkeypatch.setattr("sys.stdin", io.StringIO("Carol has"))
-    assert main(args) == 0
-    assert capsys.readouterr().out == out  # same seed, same samples
+    # the defaults (temperature 0.8, filter_thres 0.9), both samples drawn as one batch from one generator
+    first, second = continuation(trained_tiny, "Carol has", 20, num_samples=2, generator=torch.Generator().manual_seed(3))
+    assert first != second
+    assert out == f"--- sample 1 ---\nCarol has{first}\n--- sample 2 ---\nCarol has{second}\n"
+
+
+TEXT_WITH_SPLIT_CHARACTERS = "caf\u00e9 \u20ac5 \U0001f600 \u65e5\u672c ok"
+
+
+def test_streamed_text_holds_back_a_character_split_across_tokens(tmp_path):
+    from conftest import train_bpe
+    from palm.tokenizer import TextStreamer, load_tokenizer
+
+    bpe = load_tokenizer(str(train_bpe(["hello world, cafe " * 30], tmp_path, vocab_size=280)))
+    for tokenizer in (load_tokenizer("bytes"), bpe):
+        ids = tokenizer.encode(TEXT_WITH_SPLIT_CHARACTERS)
+        streamer = TextStreamer(tokenizer)
+        pieces = [streamer.push(i) for i in ids]
+        assert "".join(pieces) == TEXT_WITH_SPLIT_CHARACTERS, tokenizer.name
+        assert not any("\ufffd" in piece for piece in pieces)
+        assert pieces.count("") >= 3  # characters were split across tokens: each waited for its end
+    # bytes that are not UTF-8 still come out, as U+FFFD, once text follows them
+    streamer = TextStreamer(load_tokenizer("bytes"))
+    assert [streamer.push(i) for i in [0xFF, ord("a")]] == ["", "\ufffda"]
+
+
+def test_generate_prints_split_characters_whole(tiny_bytes_model, capsys, monkeypatch):
+    """The CLI's stream of tokens, one byte at a time: stdout gets each character once it is complete."""
+    import palm.inference.decoding
+
+    def fake_stream(model, prompts, max_new_tokens, **options):
+        for byte in TEXT_WITH_SPLIT_CHARACTERS.encode():
+            yield torch.tensor([byte])
+
+    writes = []
+    monkeypatch.setattr(palm.inference.decoding, "stream", fake_stream)
+    monkeypatch.setattr(sys.stdout, "write", lambda text, real=sys.stdout.write: writes.append(text) or real(text))
+    assert main(["generate", "Bob", "--checkpoint", tiny_bytes_model, "--tokenizer", "bytes", "--max_new_tokens", "40"]) == 0
+    assert capsys.readouterr().out == "Bob" + TEXT_WITH_SPLIT_CHARACTERS + "\n"
+    assert not any("\ufffd" in w for w in writes) and "\U0001f600" in writes
 
 
 @pytest.mark.parametrize(

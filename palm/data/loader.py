@@ -51,7 +51,7 @@ def open_data(
     """Open training data: a build-dataset directory, raw text files (a path, glob or list of
     paths, tokenized with `tokenizer` into blocks of `seq_len`), or a Hub dataset name."""
     if isinstance(source, str) and (Path(source) / METADATA_NAME).is_file():
-        return _open_built(Path(source), split)
+        return _open_built(Path(source), split, streaming)
     files = source if isinstance(source, list) else local_files(source)
     if files is not None:
         if tokenizer is None or seq_len is None:
@@ -60,14 +60,18 @@ def open_data(
     return _open_hub(source, split, streaming, tokenizer)
 
 
-def _open_built(directory: Path, split: str) -> TokenData:
+def _open_built(directory: Path, split: str, streaming: bool = False) -> TokenData:
+    """A `palm build-dataset` split: memory-mapped (through datasets' Arrow cache), or read from
+    its parquet shards as a stream with `streaming` (no copy in the cache)."""
     metadata = json.loads((directory / METADATA_NAME).read_text())
     if split not in metadata["splits"]:
         raise PalmError(f"{directory} has no {split!r} split (it has {', '.join(metadata['splits'])})")
     import datasets
 
     files = [str(directory / f) for f in metadata["splits"][split]["files"]]
-    blocks = datasets.load_dataset("parquet", data_files=files, split="train").with_format("numpy")
+    blocks = datasets.load_dataset("parquet", data_files=files, split="train", streaming=streaming)
+    if not streaming:
+        blocks = blocks.with_format("numpy")
     return TokenData(blocks, metadata["seq_len"], metadata["vocab_size"], str(directory))
 
 
