@@ -174,6 +174,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, *, max_length: int, ch
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["model_input_names"] = ["input_ids", "attention_mask"]  # no token_type_ids, which generate refuses
     config.pop("backend", None)
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
