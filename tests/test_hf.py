@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import palm
 from palm import PaLM, PaLMConfig, PalmError
-from palm.hf import PaLMForCausalLM
+from palm.hf.modeling_palm import PaLMForCausalLM
 from palm.hf.export import export_hf, to_transformers
 
 from conftest import CORPUS, train_bpe

@@ -1,12 +1,15 @@
-"""palm models in the Hugging Face stack: transformers classes (registered with the Auto classes
-on import), `palm export hf`, `palm push`."""
+"""palm models in the Hugging Face stack: transformers classes (`register()` adds them to the
+Auto classes), `palm export hf`, `palm push`. Importing this package loads nothing heavy, so the
+`palm` command stays fast; transformers is imported on first use."""
 
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from palm.hf.configuration_palm import PaLMConfig as PaLMHFConfig
-from palm.hf.modeling_palm import PaLMForCausalLM
+def register() -> None:
+    """Register the PaLM classes with `AutoConfig` and `AutoModelForCausalLM` in this process, so
+    that exported directories load without remote code (`palm.hf.export` does this on import)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-AutoConfig.register("palm", PaLMHFConfig, exist_ok=True)
-AutoModelForCausalLM.register(PaLMHFConfig, PaLMForCausalLM, exist_ok=True)
+    from palm.hf.configuration_palm import PaLMConfig
+    from palm.hf.modeling_palm import PaLMForCausalLM
 
-__all__ = ["PaLMHFConfig", "PaLMForCausalLM"]
+    AutoConfig.register("palm", PaLMConfig, exist_ok=True)
+    AutoModelForCausalLM.register(PaLMConfig, PaLMForCausalLM, exist_ok=True)

@@ -22,11 +22,14 @@ from torch import Tensor
 from palm.checkpoint import ADAPTER_CONFIG, load
 from palm.config import PaLMConfig
 from palm.errors import PalmError
+from palm.hf import register
 from palm.hf.configuration_palm import PaLMConfig as PaLMHFConfig
 from palm.hf.modeling_palm import PaLMForCausalLM
 from palm.model import PaLM
 from palm.prompts import STYLE_FILE, TEMPLATE_FILE
 from palm.tokenizer import DEFAULT_TOKENIZER, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+
+register()  # exported directories load through the Auto classes in this process, without remote code
 
 DEFAULT_SHARD_SIZE = "5GB"
 BYTES_EOS = "<|endoftext|>"
