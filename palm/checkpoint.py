@@ -9,6 +9,7 @@ Formats:
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -28,6 +29,7 @@ from palm.model import PaLM, RotaryEmbedding
 CONFIG_NAME = "config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights (`palm export hf` of a large model)
 
 # Where the published checkpoints live on the Hub: preset -> (repo, file).
 HUB_CHECKPOINTS = {
@@ -136,6 +138,12 @@ def read_safetensors(path: Path) -> dict[str, Tensor]:
 
 
 def read_pretrained_dir(directory: Path) -> dict[str, Tensor]:
+    if not (directory / WEIGHTS_NAME).is_file() and (directory / WEIGHTS_INDEX).is_file():
+        try:
+            shards = sorted(set(json.loads((directory / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise PalmError(f"{directory / WEIGHTS_INDEX} is not a safetensors index ({e})") from None
+        return {name: t for shard in shards for name, t in read_safetensors(directory / shard).items()}
     missing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (directory / name).is_file()]
     if missing and (directory / "model" / CONFIG_NAME).is_file():  # a training run or one of its checkpoints
         raise PalmError(f"{directory} is a training run (or checkpoint) directory; its model is {directory / 'model'}")

@@ -60,6 +60,8 @@ class PaLMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PaLMConfig:
+        if data.get("model_type") == "palm":  # a transformers config.json, written by `palm export hf`
+            data = from_transformers_names(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -78,6 +80,26 @@ class PaLMConfig:
         if not isinstance(data, dict):
             raise PalmError(f"config {path}: expected a JSON object")
         return cls.from_dict(data)
+
+
+# transformers' config names (`palm export hf`) for ours; ff_mult is intermediate_size / hidden_size
+TRANSFORMERS_NAMES = {
+    "num_tokens": "vocab_size", "dim": "hidden_size", "depth": "num_hidden_layers", "heads": "num_attention_heads",
+    "dim_head": "head_dim", "max_seq_len": "max_position_embeddings", "qk_rmsnorm": "qk_rmsnorm",
+    "attn_scale": "attn_scale", "xpos_scale_base": "xpos_scale_base", "attn_dropout": "attention_dropout",
+    "ff_dropout": "ff_dropout", "loss_ignore_index": "loss_ignore_index",
+}
+
+
+def from_transformers_names(data: dict[str, Any]) -> dict[str, Any]:
+    """Our fields from a transformers config of model_type "palm" (the other keys are dropped)."""
+    fields = {ours: data[theirs] for ours, theirs in TRANSFORMERS_NAMES.items() if theirs in data}
+    hidden, inner = data.get("hidden_size"), data.get("intermediate_size")
+    if hidden and inner:
+        if inner % hidden:
+            raise PalmError(f"config: intermediate_size {inner} is not a multiple of hidden_size {hidden}")
+        fields["ff_mult"] = inner // hidden
+    return fields
 
 
 # The published checkpoints (seed README; Hub repos conceptofmind/palm-150m, -410m, -1b, -2b).
