@@ -36,7 +36,8 @@ def flops_per_token(model_config: PaLMConfig, num_parameters: int, seq_len: int)
 
 
 GPU_PEAK_TFLOPS = {  # dense bf16/fp16 tensor-core peaks from the vendors' data sheets
-    "H200": 989.5, "H100": 989.5, "A100": 312.0, "L40S": 362.1, "A10": 125.0, "L4": 121.0, "4090": 165.2,
+    "H200": 989.5, "H100": 989.5, "H100 PCIe": 756.5, "A100": 312.0, "L40S": 362.1, "L40": 181.0, "A10": 125.0,
+    "L4": 121.0, "4090": 165.2,
 }
 
 
@@ -44,9 +45,9 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     """The device's peak FLOP/s and where that figure comes from."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12, f"{name} data-sheet dense bf16 peak"
+        known = [key for key in GPU_PEAK_TFLOPS if key in name]
+        if known:  # the longest name that fits: "NVIDIA L40" holds "L4" too
+            return GPU_PEAK_TFLOPS[max(known, key=len)] * 1e12, f"{name} data-sheet dense bf16 peak"
     dtype = resolve_dtype(precision)
     if device.type == "cpu" and dtype == torch.float16:
         dtype = torch.bfloat16
