@@ -403,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(chat)
     chat.set_defaults(func=cmd_chat)
 
+    from palm.eval.cli import add_commands as add_eval_commands
     from palm.hf.cli import add_commands as add_hf_commands
     from palm.serve.cli import add_commands as add_serve_commands
 
+    add_eval_commands(commands)
     add_hf_commands(commands)
     add_serve_commands(commands)
     return parser
