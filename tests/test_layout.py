@@ -10,7 +10,7 @@ ROOT = Path(palm.__file__).parent
 # unit -> the palm units it may import (its own package is always allowed)
 ALLOWED = {
     "errors": set(),
-    "files": set(),
+    "files": {"errors"},
     "dtypes": {"errors"},
     "checks": {"errors"},
     "config": {"errors"},
@@ -22,7 +22,7 @@ ALLOWED = {
     "inference": {"errors", "model", "kernels", "prompts", "tokenizer"},
     "adapters": {"errors", "model", "inference"},
     "checkpoint": {"errors", "files", "hub", "dtypes", "config", "model", "adapters"},
-    "data": {"errors", "checks", "hub", "prompts"},
+    "data": {"errors", "checks", "files", "hub", "prompts"},
     "training": {"errors", "checks", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "data",
                  "inference", "prompts", "adapters"},
     "hf": {"errors", "dtypes", "config", "model", "checkpoint", "tokenizer", "prompts", "adapters"},
