@@ -82,7 +82,7 @@ def test_long_examples_are_cut_and_hopeless_ones_dropped():
     fits = Record([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y" * 50}], "a")
     long_prompt = Record([{"role": "user", "content": "x" * 500}, {"role": "assistant", "content": "y"}], "b")
     examples = tokenize([fits, long_prompt], BYTES, ALPACA, seq_len=prompt_len + 10)
-    assert (len(examples), examples.truncated, examples.dropped) == (1, 2, 1)
+    assert (len(examples), examples.truncated, examples.dropped) == (1, 1, 1)  # a dropped example is not also counted as cut
     assert len(examples.ids[0]) == prompt_len + 10 and examples.learn[0][-10:].all()
     with pytest.raises(PalmError, match="no example fits --seq_len 8"):
         tokenize([long_prompt], BYTES, ALPACA, seq_len=8)

@@ -190,12 +190,12 @@ def tokenize(records: list[Record], tokenizer, style: PromptStyle, seq_len: int,
             piece = [eos] if text is None else tokenizer.encode(text)
             ids += piece
             learn += [is_reply or learn_prompts] * len(piece)
-        if len(ids) > seq_len:
-            examples.truncated += 1
-            ids, learn = ids[:seq_len], learn[:seq_len]
+        cut = len(ids) > seq_len
+        ids, learn = ids[:seq_len], learn[:seq_len]
         if not any(learn[1:]):  # the first token is never predicted
             examples.dropped += 1
             continue
+        examples.truncated += cut
         examples.ids.append(np.asarray(ids, dtype=np.int64))
         examples.learn.append(np.asarray(learn, dtype=bool))
     if not examples.ids:
