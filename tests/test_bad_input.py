@@ -121,6 +121,17 @@ ROWS = [
     ("finetune-targets-match-nothing", ["finetune", "--checkpoint", "{w}/model", "--data", "{w}/good.jsonl", "--lora_targets", "wq", "--out_dir", "{w}/new", *TRAIN], "wq", 1),
     ("finetune-over-its-base", ["finetune", "--checkpoint", "{w}/runs/done/model", "--data", "{w}/good.jsonl", "--out_dir", "{w}/runs/done", "--overwrite", *TRAIN], "holds the input", 1),
     ("finetune-negative-dropout", ["finetune", "--checkpoint", "{w}/model", "--lora_dropout", "-0.1"], "--lora_dropout", 1),
+    # eval, export, push, serve
+    ("eval-missing-checkpoint", ["eval", "--checkpoint", "{w}/typo"], "no such file or directory", 1),
+    ("eval-stride-above-seq-len", ["eval", "--checkpoint", "{w}/model", "--tokenizer", "bytes", "--seq_len", "32", "--stride", "64", "--data", "{w}/corpus"], "--stride", 1),
+    ("eval-lengths-not-numbers", ["eval", "--checkpoint", "{w}/model", "--tokenizer", "bytes", "--lengths", "1,x"], "--lengths", 1),
+    ("export-over-its-source", ["export", "hf", "{w}/model", "{w}", "--tokenizer", "bytes", "--overwrite"], "holds the input", 1),
+    ("export-over-users-files", ["export", "hf", "{w}/model", "{w}/mine", "--tokenizer", "bytes", "--overwrite"], "did not write", 1),
+    ("export-missing-source", ["export", "hf", "{w}/typo", "{w}/new"], "no such file or directory", 1),
+    ("push-missing-directory", ["push", "{w}/typo", "me/repo"], "no such", 1),
+    ("serve-missing-checkpoint", ["serve", "--checkpoint", "{w}/typo"], "no such file or directory", 1),
+    ("serve-no-batch", ["serve", "--checkpoint", "{w}/model", "--tokenizer", "bytes", "--max_batch_size", "0"], "--max_batch_size must be at least 1", 1),
+    ("serve-bad-port", ["serve", "--checkpoint", "{w}/model", "--tokenizer", "bytes", "--port", "-3"], "--port", 1),
     # chat
     ("chat-missing-checkpoint", ["chat", "--checkpoint", "{w}/typo"], "no such file or directory", 1),
     ("chat-negative-temperature", ["chat", "--checkpoint", "{w}/model", "--temperature", "-1"], "temperature", 1),
@@ -135,7 +146,8 @@ def snapshot(root: Path) -> dict[str, str]:
 
 def test_the_table_covers_every_command():
     assert len(ROWS) >= 40 and len({r[0] for r in ROWS}) == len(ROWS)
-    assert {r[1][0] for r in ROWS} == {"build-dataset", "train", "generate", "info", "convert", "finetune", "chat"}
+    assert {r[1][0] for r in ROWS} == {"build-dataset", "train", "generate", "info", "convert", "finetune", "chat",
+                                       "eval", "export", "push", "serve"}
 
 
 @pytest.mark.parametrize("argv, expected, code", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])

@@ -363,9 +363,11 @@ def test_push_without_a_hub_is_one_line(exported):
 def test_export_refuses_to_overwrite(exported, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(PalmError, match="already exists"):
-        export_hf(str(exported["plain"].parent / "plain-palm"), tmp_path / "out", tokenizer="bytes")
+    with pytest.raises(PalmError, match="already holds files that palm did not write"):
+        export_hf(str(exported["plain"].parent / "plain-palm"), tmp_path / "out", tokenizer="bytes", overwrite=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    with pytest.raises(PalmError, match="holds the input"):
+        export_hf(str(exported["plain"].parent / "plain-palm"), exported["plain"].parent, tokenizer="bytes", overwrite=True)
     with pytest.raises(PalmError, match="cannot tell which tokenizer"):
         export_hf(str(exported["plain"].parent / "plain-palm"), tmp_path / "new")
     assert not (tmp_path / "new").exists()

@@ -25,7 +25,7 @@ ALLOWED = {
     "data": {"errors", "checks", "files", "hub", "prompts"},
     "training": {"errors", "checks", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "data",
                  "inference", "prompts", "adapters"},
-    "hf": {"errors", "dtypes", "config", "model", "checkpoint", "tokenizer", "prompts", "adapters"},
+    "hf": {"errors", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "prompts", "adapters"},
     "serve": {"errors", "checks", "dtypes", "model", "checkpoint", "tokenizer", "inference", "prompts"},
     "eval": {"errors", "checks", "dtypes", "model", "checkpoint", "tokenizer", "data", "inference"},
 }

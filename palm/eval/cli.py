@@ -51,10 +51,9 @@ def add_commands(subparsers) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     """Run the evaluation that the arguments ask for."""
-    import torch
-
     from palm.checkpoint import load
-    from palm.checks import check_vocabulary
+    from palm.checks import check_device, check_vocabulary
+    from palm.eval.perplexity import check_window
     from palm.eval.sources import default_tokenizer, run_settings
     from palm.tokenizer import load_tokenizer
 
@@ -62,6 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise PalmError("--lengths and --tasks are separate evaluations; run one at a time")
     if args.batch_size < 1:
         raise PalmError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.seq_len is not None and args.stride is not None:
+        check_window(args.seq_len, args.stride)
     if args.data is not None:
         _check_data_exists(args.data)
     lengths = _parse_lengths(args.lengths) if args.lengths else None
@@ -70,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     settings = run_settings(args.checkpoint)
     tokenizer_name = args.tokenizer or default_tokenizer(args.checkpoint, args.data, settings)
     tokenizer = load_tokenizer(tokenizer_name)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     model = load(args.checkpoint, device=device, dtype=args.dtype)
     check_vocabulary(tokenizer, model.config.num_tokens)
     if tokenizer.eos_id is None:

@@ -22,6 +22,7 @@ from torch import Tensor
 from palm.checkpoint import ADAPTER_CONFIG, load
 from palm.config import PaLMConfig
 from palm.errors import PalmError
+from palm.files import check_output_directory
 from palm.hf import register
 from palm.hf.configuration_palm import PaLMConfig as PaLMHFConfig
 from palm.hf.modeling_palm import PaLMForCausalLM
@@ -95,7 +96,9 @@ def export_hf(
     when complete; an existing `out` is replaced only with `overwrite`.
     """
     out = Path(out)
-    _check_destination(out, overwrite)
+    # only an earlier export (its modeling file or adapter config marks it) is replaced, never the source
+    check_output_directory(out, flag="OUT", marker=("modeling_palm.py", ADAPTER_CONFIG), what="an export",
+                           overwrite=overwrite, inputs=[source])
     if (Path(source) / ADAPTER_CONFIG).is_file():
         return _write_atomically(out, overwrite, lambda tmp: export_adapter(Path(source), tmp, base_model))
     model = load(source, dtype=dtype)
@@ -275,13 +278,6 @@ def _block_b(b: Tensor, model_parts: dict[str, int], adapted: list[str], r: int)
             row, k = row + width, k + 1
         start += width
     return full
-
-
-def _check_destination(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise PalmError(f"{out} is a file; give a directory to export to")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise PalmError(f"{out} already exists and is not empty; pass --overwrite to replace it")
 
 
 def _write_atomically(out: Path, overwrite: bool, write) -> Path:

@@ -36,10 +36,8 @@ def add_commands(subparsers) -> None:
 
 def build(args: argparse.Namespace):
     """The engine and the app for `args`, the model loaded (everything but the server)."""
-    import torch
-
     from palm.checkpoint import load
-    from palm.checks import check_at_least, check_vocabulary
+    from palm.checks import check_at_least, check_device, check_vocabulary
     from palm.inference.quantization import quantize
     from palm.prompts import BASE_MODEL_STYLE, get_prompt_style, saved_prompt_style
     from palm.serve.app import ServeSettings, create_app
@@ -49,6 +47,9 @@ def build(args: argparse.Namespace):
     check_at_least("--max_batch_size", args.max_batch_size, 1)
     if not 0 <= args.port < 65536:
         raise PalmError(f"--port must be in [0, 65535], got {args.port}")
+    device = check_device(args.device)
+    model = load(args.checkpoint, device=device, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer)
     style = get_prompt_style(args.prompt_style) if args.prompt_style else saved_prompt_style(args.checkpoint)
     chat_stops = []
     if style is None:
@@ -58,9 +59,6 @@ def build(args: argparse.Namespace):
               "(--prompt_style to choose)", file=sys.stderr)
     if style.stop_text:
         chat_stops.append(style.stop_text)
-    tokenizer = load_tokenizer(args.tokenizer)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load(args.checkpoint, device=device, dtype=args.dtype)
     check_vocabulary(tokenizer, model.config.num_tokens)
     max_seq_len = args.max_seq_len or model.config.max_seq_len
     if not 2 <= max_seq_len <= model.config.max_seq_len:
