@@ -161,18 +161,36 @@ def generate(
     generator: torch.Generator | None = None,
     pad_token_id: int | None = None,
     compile: bool = False,
+    draft_model: PaLM | None = None,
+    draft_k: int = 4,
 ) -> Tensor:
     """Prompt + continuation as a LongTensor; see `stream` for the arguments.
 
     One 1-D prompt gives a 1-D result ending at its EOS (inclusive) if one was produced. A batch
     gives (b, longest) rows that each start with their prompt, padded on the right after their
     EOS with `pad_token_id` (default: `eos_token_id`, else 0).
+
+    With a `draft_model` (same vocabulary), decoding is speculative: the draft proposes `draft_k`
+    tokens a round and `model` verifies them in one forward (`palm.inference.speculative`); the
+    tokens follow `model`'s distribution, and at temperature 0 equal its greedy decoding. The
+    prompts of a batch are then decoded one after another.
     """
-    steps = list(
-        stream(model, prompt_ids, max_new_tokens, temperature=temperature, filter_thres=filter_thres,
-               top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, generator=generator, compile=compile)
-    )
+    options = dict(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p,
+                   eos_token_id=eos_token_id, generator=generator)
     prompts = prompt_rows(prompt_ids)
+    if draft_model is not None:
+        if compile:
+            raise PalmError("compile is not supported with a draft model")
+        from palm.inference.speculative import speculative_stream
+
+        check_context(max(len(p) for p in prompts), max_new_tokens, model.config.max_seq_len)
+        per_prompt = [list(speculative_stream(model, draft_model, p, max_new_tokens, draft_k=draft_k, **options))
+                      for p in prompts]
+        longest = max(len(s) for s in per_prompt)
+        fill = torch.tensor([eos_token_id if eos_token_id is not None else 0])
+        steps = [torch.cat([s[i].cpu() if i < len(s) else fill for s in per_prompt]) for i in range(longest)]
+    else:
+        steps = list(stream(model, prompt_ids, max_new_tokens, compile=compile, **options))
     single = isinstance(prompt_ids, Tensor) and prompt_ids.dim() == 1
     new = torch.stack(steps, dim=1).cpu() if steps else torch.zeros(len(prompts), 0, dtype=torch.long)
     rows = []
