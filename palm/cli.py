@@ -108,8 +108,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if max_new <= 0:
             raise PalmError(f"--seq_len {args.seq_len} leaves no room after the {len(prompt_ids)}-token prompt")
     max_new = min(max_new, model.config.max_seq_len - len(prompt_ids))
+    draft = None
+    if args.draft:
+        from palm.inference.speculative import check_draft
+
+        if args.num_samples != 1:
+            raise PalmError("--draft decodes one sample at a time; use --num_samples 1")
+        if args.compile:
+            raise PalmError("--draft does not combine with --compile")
+        check_at_least("--draft_k", args.draft_k, 1)
+        draft = load(args.draft, device=device, dtype=args.dtype)
+        check_draft(model, draft)
+        check_context(len(prompt_ids), max_new, draft.config.max_seq_len)
     if args.quantize:
         quantize(model, args.quantize)
+        if draft is not None:
+            quantize(draft, args.quantize)
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -121,9 +135,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     count = 0
     if args.num_samples == 1:
         sys.stdout.write(prompt)
-    for tokens in stream(model, batch, max_new, temperature=args.temperature, filter_thres=args.filter_thres,
-                         top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_id, generator=generator,
-                         compile=args.compile):
+    options = dict(temperature=args.temperature, filter_thres=args.filter_thres, top_k=args.top_k, top_p=args.top_p,
+                   eos_token_id=tokenizer.eos_id, generator=generator)
+    if draft is not None:
+        from palm.inference.speculative import speculative_stream
+
+        tokens_out = speculative_stream(model, draft, prompt_ids, max_new, draft_k=args.draft_k, **options)
+    else:
+        tokens_out = stream(model, batch, max_new, compile=args.compile, **options)
+    for tokens in tokens_out:
         count += 1
         if count == 1:
             first_token_at = time.perf_counter()
@@ -146,10 +166,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     rate_from, rate_steps = (second_token_at, count - 2) if args.compile else (first_token_at, count - 1)
     decode_rate = rate_steps / (end - rate_from) if rate_steps > 0 else float("nan")
     compiling = f", compiling {second_token_at - first_token_at:.1f}s" if args.compile and count > 1 else ""
+    drafted = ""
+    if draft is not None:
+        acceptance = tokens_out.acceptance
+        drafted = (f"; draft acceptance {acceptance.rate:.0%} ({acceptance.accepted}/{acceptance.proposed} "
+                   f"proposals, k={args.draft_k}, {acceptance.rounds} target forwards)")
     print(
         f"[{count} tokens x {args.num_samples} in {end - start:.2f}s: prompt {len(prompt_ids)} tokens "
         f"in {first_token_at - start if first_token_at else 0:.2f}s{compiling}, "
-        f"decode {decode_rate:.1f} tokens/s per sequence]",
+        f"decode {decode_rate:.1f} tokens/s per sequence{drafted}]",
         file=sys.stderr,
     )
 
@@ -362,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seq_len", type=int, default=256, help="total length, prompt included (default: %(default)s)")
     gen.add_argument("--max_new_tokens", type=int, help="tokens to generate (overrides --seq_len)")
     gen.add_argument("--num_samples", type=int, default=1, help="samples to draw, as one batch (default: %(default)s)")
+    gen.add_argument("--draft", help="speculative decoding: a small model with the same vocabulary (" + source_help + ") proposes tokens that the model checks")
+    gen.add_argument("--draft_k", type=int, default=4, help="tokens the --draft model proposes per round (default: %(default)s)")
     add_sampling_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -175,3 +175,22 @@ def test_speculative_sampling_matches_the_target_end_to_end():
     assert 0.5 * float((q1 - p1).abs().sum()) > 0.3
     assert total_variation(counts.view(VOCAB, VOCAB).sum(1), p1) < 0.12
     assert total_variation(counts, expected) < 0.2
+
+
+def test_cli_generate_with_a_draft_prints_the_greedy_text_and_the_acceptance(trained_tiny, tmp_path, capsys):
+    from palm.cli import main
+
+    palm.save_pretrained(trained_tiny, tmp_path / "target")
+    palm.save_pretrained(noisy_copy(trained_tiny, 0.5), tmp_path / "draft")
+    greedy = ["generate", "Bob has 1", "--checkpoint", str(tmp_path / "target"), "--tokenizer", "bytes",
+              "--temperature", "0", "--max_new_tokens", "40"]
+    assert main(greedy) == 0
+    plain = capsys.readouterr()
+    assert main([*greedy, "--draft", str(tmp_path / "draft"), "--draft_k", "3"]) == 0
+    drafted = capsys.readouterr()
+    assert drafted.out == plain.out
+    assert "draft acceptance" in drafted.err and "k=3" in drafted.err
+    other = PaLM(PaLMConfig(num_tokens=300, dim=32, depth=1, heads=2, dim_head=16))
+    palm.save_pretrained(other, tmp_path / "other")
+    assert main([*greedy, "--draft", str(tmp_path / "other")]) == 1
+    assert "the draft model has 300 tokens but the target 257" in capsys.readouterr().err
