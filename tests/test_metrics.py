@@ -45,8 +45,16 @@ def test_cpu_peak_is_measured_as_2n_cubed_over_the_best_time(monkeypatch):
         def perf_counter():
             return next(ticks)
 
+    made = []
+
+    def randn(*shape, dtype=None, device=None):  # what is multiplied is asked for, a small stand-in made
+        made.append((shape, dtype))
+        return torch.zeros(2, 2, dtype=dtype)
+
     monkeypatch.setattr(metrics, "time", Clock)
+    monkeypatch.setattr(torch, "randn", randn)
     peak, source = peak_flops(torch.device("cpu"), "fp16")
+    assert made == [((1536, 1536), torch.bfloat16)] * 2
     assert peak == 2 * 1536**3 / 0.25
     assert source == "measured 1536x1536 bfloat16 matmul"  # fp16 is measured as bf16 on the CPU
 
