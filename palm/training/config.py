@@ -115,7 +115,7 @@ class TrainConfig(RunConfig):
     init_from: str | None = None  # anything palm.load takes; overrides preset
     data: str | None = None  # None: the Python standard library's source (.py files)
     val_data: str | None = None  # None: the data's validation split, or held-out stdlib files
-    streaming: bool = False  # stream a Hub dataset instead of downloading it
+    streaming: bool = False  # stream the data (a Hub dataset, or a built dataset's shards) instead of loading it whole
     tokenizer: str | None = None  # None: the one a built dataset records, else bytes
 
 

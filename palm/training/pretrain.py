@@ -139,7 +139,10 @@ def print_samples(model: nn.Module, tokenizer: Tokenizer, count: int, device: to
     print("\nsamples:")
     for prompt in SAMPLE_PROMPTS[:count]:
         ids = torch.tensor([tokenizer.encode(prompt)], device=device)
-        out = generate(model, ids, max_new_tokens, temperature=0.8, filter_thres=0.9,
+        room = min(max_new_tokens, model.config.max_seq_len - ids.shape[1])  # a short context samples less
+        if room < 1:
+            continue
+        out = generate(model, ids, room, temperature=0.8, filter_thres=0.9,
                        eos_token_id=tokenizer.eos_id, generator=generator)
         print("-" * 60)
         print(tokenizer.decode(out[0].tolist()))
