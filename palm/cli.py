@@ -204,7 +204,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from palm.training.config import TrainConfig
     from palm.training.pretrain import train
 
-    train(TrainConfig.from_sources(args.config, _run_options(args)), progress=not args.quiet)
+    config = TrainConfig.from_sources(args.config, _run_options(args))
+    _push_result(train(config, progress=not args.quiet), config)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -212,7 +213,16 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from palm.training.config import FinetuneConfig
     from palm.training.finetune import finetune
 
-    finetune(FinetuneConfig.from_sources(args.config, _run_options(args)), progress=not args.quiet)
+    config = FinetuneConfig.from_sources(args.config, _run_options(args))
+    _push_result(finetune(config, progress=not args.quiet), config)
+
+
+def _push_result(model_dir: Path, config) -> None:
+    """--push_to: the run's final model (for LoRA, the merged one) to the Hub, with a model card."""
+    if config.push_to:
+        from palm.hf.push import push
+
+        print(f"pushed {model_dir} to {push(model_dir, config.push_to, private=config.private)}")
 
 
 def _run_options(args: argparse.Namespace) -> dict:
@@ -230,6 +240,8 @@ RUN_HELPS = {
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
     "max_tokens": "train for this many tokens instead of --max_steps",
     "peak_tflops": "device peak for MFU (default: data sheet for known GPUs, measured on CPU)",
+    "push_to": "then upload the final model to this Hugging Face Hub model repo (as palm push does)",
+    "private": "with --push_to: create the repo private",
 }
 TRAIN_HELPS = {
     "preset": "model preset to train from scratch (default: tiny)",

@@ -371,3 +371,17 @@ def test_export_refuses_to_overwrite(exported, tmp_path):
     with pytest.raises(PalmError, match="cannot tell which tokenizer"):
         export_hf(str(exported["plain"].parent / "plain-palm"), tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_train_push_to_uploads_the_final_model(monkeypatch, capsys, tmp_path):
+    from palm.cli import main
+
+    hub = StandInHub(monkeypatch)
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    palm.save_pretrained(PaLM(PaLMConfig(num_tokens=257, dim=32, depth=1, heads=2, dim_head=16, max_seq_len=64)), tmp_path / "init")
+    assert main(["train", "--init_from", str(tmp_path / "init"), "--data", str(tmp_path / "corpus.txt"), "--tokenizer", "bytes",
+                 "--out_dir", str(tmp_path / "run"), "--max_steps", "2", "--batch_size", "2", "--seq_len", "32",
+                 "--samples", "0", "--peak_tflops", "1", "--quiet", "--push_to", "you/tiny", "--private"]) == 0
+    assert [c[0] for c in hub.calls] == ["create_repo", "create_commit"] and hub.calls[0][2]["private"] is True
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(hub.files)
+    assert "pushed " in capsys.readouterr().out

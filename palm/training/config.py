@@ -50,6 +50,8 @@ class RunConfig:
     log_every: int = 40
     resume: str | None = None  # a checkpoint directory, or "auto" for the newest in out_dir
     overwrite: bool = False  # replace the run already in out_dir
+    push_to: str | None = None  # then upload the final model to this Hub model repo (palm push)
+    private: bool = False  # with push_to: create the repo private
     trackers: list[str] = field(default_factory=list)  # tensorboard, wandb
     peak_tflops: float | None = None  # for MFU; None: known GPU peak, or measured on CPU
     samples: int = 3  # samples printed at the end
