@@ -25,7 +25,7 @@ from torch import Tensor
 
 from palm.errors import PalmError
 from palm.inference.decoding import attention_mask, check_context, decoding_view, prompt_rows
-from palm.inference.sampling import check_sampling_options, kept_by_filter_thres
+from palm.inference.sampling import check_sampling_options, draw, sampling_probs
 from palm.model import KVCache, PaLM
 
 
@@ -41,35 +41,6 @@ class Acceptance:
     def rate(self) -> float:
         """Fraction of proposed draft tokens that the target accepted (NaN before any proposal)."""
         return self.accepted / self.proposed if self.proposed else float("nan")
-
-
-def sampling_probs(
-    logits: Tensor, *, temperature: float = 0.8, filter_thres: float | None = 0.9, top_k: int | None = None,
-    top_p: float | None = None,
-) -> Tensor:
-    """The float32 distribution (..., vocab) that `palm.inference.sampling.sample` draws from, with the
-    same transforms (temperature, top_k / filter_thres, top_p); temperature 0 gives the one-hot argmax."""
-    if temperature == 0:
-        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits.float() / temperature
-    k = top_k if top_k is not None else (kept_by_filter_thres(filter_thres, logits.shape[-1]) if filter_thres else None)
-    if k is not None and k < logits.shape[-1]:
-        kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return logits.softmax(dim=-1)
-
-
-def draw(probs: Tensor, greedy: bool, generator: torch.Generator | None) -> Tensor:
-    """One token per row of `probs` (..., vocab): its argmax when greedy, else a draw from it."""
-    if greedy:
-        return probs.argmax(dim=-1)
-    # argmax(p / E), E ~ Exponential(1), is a draw from p (as in `sample`)
-    return (probs / torch.empty_like(probs).exponential_(1.0, generator=generator)).argmax(dim=-1)
 
 
 def verify(
