@@ -1,6 +1,7 @@
 """palm eval: sliding-window perplexity against a hand-written loop, bits per byte by hand,
 per-position losses against full forwards, and the lm-evaluation-harness backend against the
-harness's own `hf` backend on the same weights and against direct forward passes."""
+harness's own `hf` backend on palm's transformers export of the same weights and against direct
+forward passes."""
 
 import argparse
 import json
@@ -194,28 +195,28 @@ def local_tasks(tmp_path):
     return tasks
 
 
-def hf_backend(model, tokenizer_json, max_length):
-    """The harness's `hf` backend over the same weights: a minimal transformers wrapper whose
-    forward is the palm model's (until palm has its own transformers export)."""
+def hf_backend(model, tokenizer, directory, max_length):
+    """The harness's `hf` backend on palm's transformers export of `model`'s weights (palm's
+    `export_hf` into `directory`, `tokenizer` exported beside them), loaded by transformers'
+    Auto classes the way `lm_eval --model hf --model_args pretrained=DIR` loads it."""
     from lm_eval.models.huggingface import HFLM
-    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
-    from transformers.modeling_outputs import CausalLMOutput
 
-    class Config(PretrainedConfig):
-        model_type = "palm_eval_test"
+    # importing the export registers palm's classes with transformers' Auto classes
+    from palm.hf.export import export_hf
 
-    class Wrapped(PreTrainedModel):
-        config_class = Config
+    save_pretrained(model, directory / "palm")
+    exported = export_hf(str(directory / "palm"), directory / "hf", tokenizer=tokenizer)
+    return HFLM(pretrained=str(exported), batch_size=3, max_length=max_length, device="cpu", dtype="float32")
 
-        def __init__(self, config, inner):
-            super().__init__(config)
-            self.inner = inner
 
-        def forward(self, input_ids, attention_mask=None, **kwargs):
-            return CausalLMOutput(logits=self.inner(input_ids))
-
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json), eos_token="<|endoftext|>", pad_token="<pad>")
-    return HFLM(pretrained=Wrapped(Config(), model).eval(), tokenizer=tokenizer, batch_size=3, max_length=max_length, device="cpu")
+@pytest.fixture(params=["bytes", "bpe"])
+def model_and_tokenizer(request):
+    """(model, tokenizer name): the trained byte model with the `bytes` tokenizer, and a random
+    model over a byte-level BPE vocabulary (subword boundaries between context and continuation)."""
+    if request.param == "bytes":
+        return request.getfixturevalue("trained_tiny"), "bytes"
+    model, path = request.getfixturevalue("bpe_model")
+    return model, str(path)
 
 
 @pytest.fixture(scope="module")
@@ -227,15 +228,15 @@ def bpe_model(tmp_path_factory):
     return model, path
 
 
-def test_harness_loglikelihoods_equal_the_hf_backend_and_a_direct_forward(bpe_model):
+def test_harness_loglikelihoods_equal_the_hf_backend_and_a_direct_forward(model_and_tokenizer, tmp_path):
     from lm_eval.api.instance import Instance
 
     from palm.eval.harness import PalmLM
 
-    model, path = bpe_model
-    tokenizer = load_tokenizer(str(path))
+    model, tokenizer_name = model_and_tokenizer
+    tokenizer = load_tokenizer(tokenizer_name)
     ours = PalmLM(model=model, tokenizer=tokenizer, batch_size=3, max_length=48)
-    theirs = hf_backend(model, path, max_length=48)
+    theirs = hf_backend(model, tokenizer_name, tmp_path, max_length=48)
     pairs = [("Alice has 3", " apples"), ("Bob gives", " 2 to the fox"), ("Bob gives", " 3"), ("Bob gives", " 4"),
              ("", "The quick brown fox"), ("Carol has 5 apples. " * 8, " The quick")]  # the last is truncated
     requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
@@ -275,25 +276,26 @@ def test_generate_until_stops_at_the_stop_sequence_like_greedy_generate(trained_
     assert texts[0].endswith(" to the fox") and not any("." in text for text in texts)
 
 
-def test_local_tasks_through_both_backends_and_palm_eval(bpe_model, local_tasks, tmp_path, capsys):
+def test_local_tasks_through_both_backends_and_palm_eval(trained_tiny, local_tasks, tmp_path, capsys):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from palm.eval.harness import PalmLM
 
-    model, path = bpe_model
+    model, tokenizer_name = trained_tiny, "bytes"
     manager = TaskManager(include_path=str(local_tasks), include_defaults=False)
     tasks = ["palm_test_mc", "palm_test_rolling"]
-    ours = lm_eval.simple_evaluate(model=PalmLM(model=model, tokenizer=load_tokenizer(str(path)), batch_size=3),
+    ours = lm_eval.simple_evaluate(model=PalmLM(model=model, tokenizer=load_tokenizer(tokenizer_name), batch_size=3),
                                    tasks=tasks, task_manager=manager)["results"]
-    theirs = lm_eval.simple_evaluate(model=hf_backend(model, path, 128), tasks=tasks, task_manager=manager)["results"]
+    theirs = lm_eval.simple_evaluate(model=hf_backend(model, tokenizer_name, tmp_path / "export", 128), tasks=tasks,
+                                     task_manager=manager)["results"]
     for metric in ("acc,none", "acc_norm,none"):
         assert ours["palm_test_mc"][metric] == theirs["palm_test_mc"][metric]
     for metric in ("word_perplexity,none", "bits_per_byte,none"):
         assert ours["palm_test_rolling"][metric] == pytest.approx(theirs["palm_test_rolling"][metric], rel=1e-5)
 
     save_pretrained(model, tmp_path / "model")
-    palm_eval("--checkpoint", str(tmp_path / "model"), "--tokenizer", str(path), "--tasks",
+    palm_eval("--checkpoint", str(tmp_path / "model"), "--tokenizer", tokenizer_name, "--tasks",
               "palm_test_mc,palm_test_gen", "--include_path", str(local_tasks), "--output", str(tmp_path / "results"))
     printed = capsys.readouterr().out
     assert "palm_test_mc" in printed and "palm_test_gen" in printed
