@@ -1,6 +1,6 @@
 """The README's Python examples run as written. What they would download from the Hub is served
 from local stand-ins: a small model under the 410m preset's name, and a small BPE tokenizer
-under GPT-NeoX's."""
+under GPT-NeoX's; the transformers example reads that model exported as `palm export hf` does."""
 
 import re
 from pathlib import Path
@@ -45,6 +45,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     # the local files the examples name, in the working directory
     save_reference_checkpoint(model, "palm_410m_8k_v0.pt")
     palm.save_pretrained(model, "runs/my-model")
+    from palm.hf.export import export_hf
+
+    export_hf(str(tmp_path / "repo"), "out/palm-410m", tokenizer=str(hub["EleutherAI/gpt-neox-20b", "tokenizer.json"]))
 
     blocks = python_blocks(README.read_text())
     assert blocks
