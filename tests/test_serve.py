@@ -4,6 +4,7 @@ httpx where a client would hide the response), checked against `palm.generate`."
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,6 +114,18 @@ def test_completion_is_palm_generate_greedy_with_exact_usage(server, trained_tin
     ids = BYTES.encode("Carol has")
     by_ids = client.completions.create(model=MODEL, prompt=ids, temperature=0)
     assert by_ids.choices[0].text == text_of(greedy(trained_tiny, ids, 16))
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+def test_the_readmes_curl_command_streams_the_greedy_text(server, trained_tiny):
+    command = ["curl", "-sS", "-N", f"{server.url}/v1/completions", "-H", "Content-Type: application/json",
+               "-d", json.dumps({"model": MODEL, "prompt": "Alice has 5", "max_tokens": 20, "stream": True, "temperature": 0})]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    events = [line.removeprefix("data: ") for line in done.stdout.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    text = "".join(choice["text"] for event in events[:-1] for choice in json.loads(event)["choices"])
+    assert text == text_of(greedy(trained_tiny, BYTES.encode("Alice has 5"), 20))
 
 
 def test_chat_completion_formats_the_conversation_in_the_prompt_style(server, trained_tiny):
