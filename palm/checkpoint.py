@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from palm.config import PaLMConfig, canonical_name, get_config, preset_matching
 from palm.dtypes import resolve_dtype
 from palm.errors import PalmError
 from palm.files import write_atomically
-from palm.hub import check_exists_or_remote, hub_download
+from palm.hub import REPO_ID, check_exists_or_remote, hub_download
 from palm.model import PaLM, RotaryEmbedding
 
 CONFIG_NAME = "config.json"
@@ -41,7 +40,6 @@ HUB_CHECKPOINTS = {
 
 # Prefixes added by DDP (`module.`) and torch.compile (`_orig_mod.`) when a wrapped model is saved.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_HUB_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def load(
@@ -102,7 +100,7 @@ def read_source(source: str | os.PathLike) -> tuple[dict[str, Tensor], PaLMConfi
         local = hub_download(repo, filename)
         return read_torch_state_dict(local), get_config(name), f"{repo}/{filename}"
 
-    if _HUB_REPO_ID.match(str(source)):
+    if REPO_ID.match(str(source)):
         config_path = hub_download(str(source), CONFIG_NAME)
         weights_path = hub_download(str(source), WEIGHTS_NAME)
         return read_safetensors(weights_path), PaLMConfig.from_json(config_path), str(source)

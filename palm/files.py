@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from palm.errors import PalmError
+
 
 def write_atomically(path: Path, write: Callable[[str], object]) -> None:
     """Call `write(tmp)` on a temporary path beside `path`, then rename it into place, with the
@@ -43,8 +45,6 @@ def check_output_directory(output: Path, *, flag: str, marker: str | tuple[str, 
     files, `overwrite` is needed, and it replaces only a directory that palm wrote itself (it holds
     a `marker`). Entries named in `scaffolding` (left by a start that failed) need no --overwrite.
     Raises PalmError otherwise."""
-    from palm.errors import PalmError
-
     for source in inputs:
         if source is not None and Path(source).exists() and inside(source, output):
             raise PalmError(f"{flag} {output} holds the input {source}; write somewhere else")

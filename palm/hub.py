@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 from palm.errors import PalmError
 
 
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # owner/name
 LOCAL_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".json", ".jsonl", ".parquet", ".txt", ".csv", ".py", ".yaml")
 
 

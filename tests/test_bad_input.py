@@ -86,6 +86,8 @@ ROWS = [
     ("train-over-a-finished-run", ["train", "--init_from", "{w}/model", "--data", "{w}/dataset", "--out_dir", "{w}/runs/done", *TRAIN], "already holds a run", 1),
     ("train-into-users-directory", ["train", "--init_from", "{w}/model", "--data", "{w}/dataset", "--out_dir", "{w}/mine", *TRAIN], "did not write", 1),
     ("train-overwrite-a-run-holding-its-data", ["train", "--init_from", "{w}/runs/done/model", "--data", "{w}/dataset", "--out_dir", "{w}/runs/done", "--overwrite", *TRAIN], "holds the input", 1),
+    ("train-push-to-not-a-repo-id", ["train", "--push_to", "my model"], "--push_to must be a Hub repo id", 1),
+    ("finetune-push-to-not-a-repo-id", ["finetune", "--checkpoint", "{w}/model", "--push_to", "a/b/c"], "--push_to must be a Hub repo id", 1),
     ("train-resume-and-overwrite", ["train", "--out_dir", "{w}/runs/done", "--resume", "auto", "--overwrite"], "give one of them", 1),
     ("train-unwritable-out-dir", ["train", "--init_from", "{w}/model", "--data", "{w}/dataset", "--out_dir", "/proc/palm-run", *TRAIN], "--out_dir /proc/palm-run", 1),
     ("train-tokenizer-unlike-the-datasets", ["train", "--init_from", "{w}/model", "--data", "{w}/bpe-dataset", "--tokenizer", "bytes", "--out_dir", "{w}/new", *TRAIN], "was tokenized with", 1),
@@ -106,6 +108,9 @@ ROWS = [
     ("generate-empty-prompt", ["generate", "", "--checkpoint", "{w}/model", "--tokenizer", "bytes"], "empty prompt", 1),
     ("generate-prompt-beyond-context", ["generate", "x" * 200, "--checkpoint", "{w}/model", "--tokenizer", "bytes"], "context", 1),
     ("generate-not-a-checkpoint", ["generate", "x", "--checkpoint", "{w}/notes.pt", "--tokenizer", "bytes"], "not a readable PyTorch checkpoint", 1),
+    ("generate-draft-k-zero", ["generate", "x", "--checkpoint", "{w}/model", "--tokenizer", "bytes", "--draft", "{w}/model", "--draft_k", "0"], "--draft_k must be at least 1", 1),
+    ("generate-missing-draft", ["generate", "x", "--checkpoint", "{w}/model", "--tokenizer", "bytes", "--draft", "{w}/typo"], "no such file or directory", 1),
+    ("generate-draft-with-samples", ["generate", "x", "--checkpoint", "{w}/model", "--tokenizer", "bytes", "--draft", "{w}/model", "--num_samples", "2"], "--num_samples 1", 1),
     ("generate-unknown-flag", ["generate", "x", "--temprature", "0.5"], "unrecognized arguments", 2),
     # info and convert
     ("info-missing-file", ["info", "{w}/typo.pt"], "no such file or directory", 1),

@@ -23,7 +23,7 @@ ALLOWED = {
     "adapters": {"errors", "model", "inference"},
     "checkpoint": {"errors", "files", "hub", "dtypes", "config", "model", "adapters"},
     "data": {"errors", "checks", "files", "hub", "prompts"},
-    "training": {"errors", "checks", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "data",
+    "training": {"errors", "checks", "dtypes", "files", "hub", "config", "model", "checkpoint", "tokenizer", "data",
                  "inference", "prompts", "adapters"},
     "hf": {"errors", "dtypes", "files", "config", "model", "checkpoint", "tokenizer", "prompts", "adapters"},
     "serve": {"errors", "checks", "dtypes", "model", "checkpoint", "tokenizer", "inference", "prompts"},

@@ -12,6 +12,7 @@ from pathlib import Path
 from palm.checks import check_at_least, check_seq_len
 from palm.dtypes import DTYPES
 from palm.errors import PalmError
+from palm.hub import REPO_ID
 
 OPTIMIZERS = ("adamw", "stable_adamw", "lion")
 # The smallest value of each numeric option (of every run config; None means unset).
@@ -101,6 +102,8 @@ class RunConfig:
         check_seq_len(self.seq_len)
         if not 0 <= self.min_lr <= self.lr:
             raise PalmError(f"need 0 <= --min_lr <= --lr, got {self.min_lr} and {self.lr}")
+        if self.push_to is not None and not REPO_ID.match(self.push_to):
+            raise PalmError(f"--push_to must be a Hub repo id (owner/name), got {self.push_to!r}")
         if self.resume is not None and self.overwrite:
             raise PalmError("--resume continues the run in --out_dir and --overwrite replaces it: give one of them")
         for tracker in self.trackers:

@@ -23,12 +23,15 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -392,8 +395,6 @@ RUN_MARKERS = ("palm_run.json", "metrics.jsonl")  # a directory holding either i
 def _claim(out_dir: Path, replace: bool):
     """Create the run directory, hold its lock for this process's lifetime (so that two runs
     cannot write one directory), empty it when replacing an earlier run, and mark it as palm's."""
-    import fcntl
-
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = open(out_dir / ".lock", "a+")
@@ -425,9 +426,6 @@ class _StopRequests:
     a second signal acts at once, as if none were caught."""
 
     def __init__(self):
-        import signal
-        import threading
-
         self.signal = None
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
@@ -439,16 +437,12 @@ class _StopRequests:
         self.restore()
 
     def restore(self) -> None:
-        import signal
-
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous = {}
 
     def describe(self) -> tuple[str, int]:
         """(signal name, the exit code a shell gives a process it ends)."""
-        import signal
-
         number = self.signal or signal.SIGTERM
         return signal.Signals(number).name, 128 + number
 
