@@ -18,7 +18,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from torch import nn
 from tqdm import tqdm
 
-from palm.checks import check_vocabulary
+from palm.checks import check_device, check_vocabulary
 from palm.errors import PalmError
 
 Request = tuple[tuple[str, str] | None, list[int], list[int]]  # (strings, context ids, continuation ids)
@@ -55,7 +55,7 @@ class PalmLM(TemplateLM):
         if model is None:
             if pretrained is None:
                 raise PalmError("the palm harness model needs pretrained=<anything palm.load takes>")
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = check_device(device)
             model = load(pretrained, device=device, dtype=dtype)
         self.model = model.eval()
         if tokenizer is None or isinstance(tokenizer, str):
