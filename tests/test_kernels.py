@@ -5,7 +5,7 @@ import torch
 
 import torch.nn.functional as F
 
-from palm.inference.cpu import single_query_attention
+from palm.inference.cpu import KERNEL_MAX_ROWS, KernelLinear, onednn_linear, onednn_matmul_faster, single_query_attention, swap_in_kernels
 from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 x86_avx2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -102,3 +102,36 @@ def test_single_query_attention_falls_back_to_pytorch_where_the_kernel_does_not_
     if x86_avx2 and load_cpu_kernels():  # and the same call where the kernel applies does reach it
         single_query_attention(q[..., :8], k[..., :8], v[..., :8], attn_mask=additive == 0)
         assert len(kernel_calls) == 1
+
+
+def test_products_too_large_for_the_gemv_kernel_go_through_onednn_and_equal_matmul(monkeypatch):
+    import palm.inference.cpu as cpu
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 64)
+    x = torch.randn(3, KERNEL_MAX_ROWS, 64)  # 24 rows
+    try:
+        onednn_linear(x[0], weight)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        pytest.skip("this PyTorch build cannot run oneDNN's fp32 inner product")
+    calls = []
+    monkeypatch.setattr(cpu, "onednn_linear", lambda *args: calls.append(args) or onednn_linear(*args))
+    exact = (x.double() @ weight.double().T).float()
+    with torch.no_grad():
+        torch.testing.assert_close(KernelLinear(weight, onednn=True)(x), exact, atol=1e-4, rtol=1e-5)
+    assert len(calls) == 1
+    with torch.no_grad():  # the same product without the flag, and one that needs gradients, stay with PyTorch
+        torch.testing.assert_close(KernelLinear(weight, onednn=False)(x), exact, atol=1e-4, rtol=1e-5)
+    trained = KernelLinear(torch.nn.Parameter(weight.clone()), onednn=True)
+    trained(x).sum().backward()
+    torch.testing.assert_close(trained.weight.grad, x.reshape(-1, 64).sum(0).expand(48, 64), atol=1e-4, rtol=1e-5)
+    assert len(calls) == 1
+
+
+def test_the_onednn_choice_is_measured_per_dtype_and_applied_by_the_swap():
+    assert onednn_matmul_faster(torch.int8) is False and onednn_matmul_faster(torch.float16) is False
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False).bfloat16())
+    swap_in_kernels(model)
+    for layer in model:
+        expected = onednn_matmul_faster(layer.weight.dtype)
+        assert layer.onednn is expected if isinstance(layer, KernelLinear) else not expected
