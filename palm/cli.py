@@ -21,9 +21,15 @@ def config_from_arg(value: str | None):
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    """Print a model's config, parameter count and dtype (a preset's without downloading it)."""
+    """Print a model's config, parameter count and dtype (a preset's without downloading it), or
+    with --system what this machine runs on and which code path it takes for each kind of work."""
     import torch
 
+    if args.system:
+        print_system()
+        return
+    if args.source is None:
+        raise PalmError("give a model (a preset, a .pt file, a directory or a Hub name), or --system")
     from palm.checkpoint import HUB_CHECKPOINTS, load
     from palm.config import canonical_name, get_config, preset_matching
     from palm.model import PaLM
@@ -48,6 +54,28 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("config:")
     for key, value in config.to_dict().items():
         print(f"  {key}: {value}")
+
+
+def print_system() -> None:
+    import platform
+
+    import torch
+
+    from palm.inference.cpu import cpu_has_native_bf16, cpu_paths
+
+    model = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"torch: {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"cpu: {model}, {os.cpu_count()} cores, vector unit {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16 {'yes' if cpu_has_native_bf16() else 'no'}")
+    print(f"cuda: {cuda}")
+    print("cpu code paths:")
+    for work, path in cpu_paths().items():
+        print(f"  {work}: {path}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -377,8 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_help = "preset name or config.json to use instead of the inferred config"
 
     info = commands.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
-    info.add_argument("source", help=source_help)
+    info.add_argument("source", nargs="?", help=source_help)
     info.add_argument("--config", help=config_help)
+    info.add_argument("--system", action="store_true", help="instead: this machine's CPU/GPU and the code path each kind of work takes")
     info.set_defaults(func=cmd_info)
 
     convert = commands.add_parser("convert", help=cmd_convert.__doc__, description=cmd_convert.__doc__)

@@ -115,6 +115,7 @@ ROWS = [
     # info and convert
     ("info-missing-file", ["info", "{w}/typo.pt"], "no such file or directory", 1),
     ("info-run-directory", ["info", "{w}/runs/done"], "its model is", 1),
+    ("info-nothing", ["info"], "or --system", 1),
     ("convert-onto-a-model", ["convert", "{w}/model", "{w}/model"], "already holds a model", 1),
     ("convert-missing-source", ["convert", "{w}/typo", "{w}/out.pt"], "no such file or directory", 1),
     # finetune

@@ -79,6 +79,31 @@ def onednn_matmul_faster(dtype: torch.dtype) -> bool:
         return _best_time(lambda: onednn_linear(x, weight)) < 0.9 * _best_time(lambda: F.linear(x, weight))
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as PyTorch detects it."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def cpu_paths() -> dict[str, str]:
+    """The code path this machine takes for each kind of CPU work (`palm info --system` prints it)."""
+    kernels = kernel_available()
+    native = cpu_has_native_bf16()
+
+    def larger(dtype: torch.dtype) -> str:
+        return ("oneDNN (measured faster than PyTorch's default)" if onednn_matmul_faster(dtype)
+                else "PyTorch's default matmul (oneDNN not faster here, or cannot run it)")
+
+    return {
+        "decoding products, up to 8 rows (fp32, bf16, int8)": "palm's GEMV kernel" if kernels else "PyTorch's matmul",
+        "single-query attention": "palm's attention kernel" if kernels else "PyTorch's SDPA",
+        "larger inference products, fp32": larger(torch.float32),
+        "larger inference products, bf16": larger(torch.bfloat16),
+        "bf16 training (autocast)": "PyTorch's oneDNN on native bf16 units" if native
+        else "PyTorch's bf16 ops without native units (slow: palm train warns; prefer fp32)",
+    }
+
+
 def _best_time(fn, repeats: int = 5) -> float:
     fn()
     times = []

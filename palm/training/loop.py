@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from palm.errors import PalmError, Stopped
 from palm.files import check_output_directory
+from palm.inference.cpu import cpu_has_native_bf16
 from palm.training.checkpoints import resolve_resume, save_checkpoint
 from palm.training.config import RunConfig
 from palm.training.metrics import MetricsLog, flops_per_token, memory_in_use, peak_flops, plot_losses
@@ -121,7 +122,7 @@ def run(config: RunConfig, task: Task, *, progress: bool = True) -> Path:
     try:  # a start that fails leaves no run directory behind it
         resume_from = resolve_resume(config.resume, out_dir, warn=say)
         set_seed(config.seed)
-        if config.precision == "bf16" and accelerator.device.type == "cpu" and not _cpu_has_bf16():
+        if config.precision == "bf16" and accelerator.device.type == "cpu" and not cpu_has_native_bf16():
             say("warning: this CPU has no native bf16 (AVX512-BF16 or AMX); bf16 autocast will be slower than fp32")
 
         model = task.build_model()
@@ -378,11 +379,6 @@ def _checkpoint_blocks(model: nn.Module) -> None:
     from palm.model import Residual
 
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Residual))
-
-
-def _cpu_has_bf16() -> bool:
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def _maybe_no_sync(accelerator, model, sync: bool):
