@@ -5,7 +5,7 @@
 A model of the preset's shape with random weights (saved to a temporary directory) is served by
 `python -m palm.serve` in a process of its own on 127.0.0.1; N clients (asyncio + httpx, in this
 process) each stream one greedy completion of `--max_tokens` tokens from a prompt of
-`--prompt_tokens` tokens, all starting together; `--rounds` rounds per N. The tokenizer is a
+`--prompt_tokens` tokens, all starting together; `--rounds` rounds per N, taken round-robin over the Ns. The tokenizer is a
 word-level one made on the spot with one token per model id, so that every id decodes to text
 and every token is a chunk. Reported per N: aggregate tokens/s (all completion tokens over the
 wall time of the round), per-client tokens/s (each client's tokens over its own time, mean),
@@ -117,26 +117,30 @@ def main() -> None:
                         break
                 except httpx.TransportError:
                     time.sleep(0.2)
-            asyncio.run(round_of(url, 2, 8, args.prompt_tokens, 99))  # warm-up (kernels, allocator)
+            for clients in args.concurrency:  # warm-up: kernels, allocator, oneDNN's primitives for each batch shape
+                asyncio.run(round_of(url, clients, 8, args.prompt_tokens, 99))
 
             print(f"# palm serve, {args.preset} preset shape ({config.num_tokens} ids), random weights, {args.dtype}, "
                   f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens each, greedy, {args.rounds} rounds; "
                   f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+            # Rounds go round-robin over the concurrency levels, so that a slow spell of a shared
+            # machine falls on all of them rather than on one row.
+            rates, per_client, ttfts = ({clients: [] for clients in args.concurrency} for _ in range(3))
+            for r in range(args.rounds):
+                for clients in args.concurrency:
+                    results = asyncio.run(round_of(url, clients, args.max_tokens, args.prompt_tokens, r))
+                    wall = max(x["end"] for x in results) - min(x["start"] for x in results)
+                    rates[clients].append(sum(x["tokens"] for x in results) / wall)
+                    per_client[clients] += [x["tokens"] / (x["end"] - x["start"]) for x in results]
+                    ttfts[clients] += [x["first"] - x["start"] for x in results]
             print("| clients | aggregate tok/s | per-client tok/s | TTFT p50 s | TTFT p95 s | aggregate / 1 client | TTFT p95 / 1 client |")
             print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
             base = None
             for clients in args.concurrency:
-                rates, per_client, ttfts = [], [], []
-                for r in range(args.rounds):
-                    results = asyncio.run(round_of(url, clients, args.max_tokens, args.prompt_tokens, r))
-                    wall = max(x["end"] for x in results) - min(x["start"] for x in results)
-                    rates.append(sum(x["tokens"] for x in results) / wall)
-                    per_client += [x["tokens"] / (x["end"] - x["start"]) for x in results]
-                    ttfts += [x["first"] - x["start"] for x in results]
-                aggregate, p95 = statistics.mean(rates), percentile(ttfts, 0.95)
+                aggregate, p95 = statistics.mean(rates[clients]), percentile(ttfts[clients], 0.95)
                 base = base or (aggregate, p95)
-                print(f"| {clients} | {aggregate:.1f} | {statistics.mean(per_client):.1f} | {percentile(ttfts, 0.5):.3f} "
-                      f"| {p95:.3f} | {aggregate / base[0]:.2f}x | {p95 / base[1]:.2f}x |", flush=True)
+                print(f"| {clients} | {aggregate:.1f} | {statistics.mean(per_client[clients]):.1f} "
+                      f"| {percentile(ttfts[clients], 0.5):.3f} | {p95:.3f} | {aggregate / base[0]:.2f}x | {p95 / base[1]:.2f}x |")
             print(f"# server stats: {httpx.get(f'{url}/health').json()}")
         finally:
             server.terminate()
