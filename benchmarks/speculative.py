@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/speculative.py cost --presets 150m 1b
 
 `pair`: greedy decoding of prompts cut from the Python standard library's source (byte-level, as
-`palm train` trains by default), plain (`palm.generate`) and speculative with each k, timed in
-turn in one process (the median over prompts of each ratio is quoted, so that a noisy machine
+`palm train` trains by default), plain (`palm.generate`) and speculative with each k, both eager
+or both compiled (`--compile`), timed in turn in one process (the median over prompts of each ratio is quoted, so that a noisy machine
 slows both sides alike). It checks that the speculative tokens equal the plain greedy ones.
 
 `cost`: random weights on a preset's shape. The time of one target forward verifying k + 1
@@ -59,22 +59,25 @@ def run_pair(args: argparse.Namespace) -> None:
           f"draft {args.draft}: {draft.num_parameters() / 1e6:.2f}M ({target.num_parameters() / draft.num_parameters():.1f}x smaller)")
     prompts = stdlib_prompts(args.prompts, args.prompt_len, args.seed)
     n = args.new_tokens
-    # warm up both paths (kernel load, allocator)
-    palm.generate(target, prompts[0], 8, temperature=0)
-    list(speculative_stream(target, draft, prompts[0], 8, temperature=0))
+    compile = args.compile
+    # warm up every path (kernel load, allocator; with --compile, the graphs at these lengths)
+    for model in (target, draft):
+        palm.generate(model, prompts[0], n, temperature=0, compile=compile)
+    for k in args.k:
+        list(speculative_stream(target, draft, prompts[0], n, draft_k=k, temperature=0, compile=compile))
     ratios = {k: [] for k in args.k}
     rates = {k: [0, 0, 0] for k in args.k}
     draft_ratio = []
     identical = 0
     plain_tps = []
     for prompt in prompts:
-        plain_s, plain = timed(lambda: palm.generate(target, prompt, n, temperature=0))
-        draft_s, _ = timed(lambda: palm.generate(draft, prompt, n, temperature=0))
+        plain_s, plain = timed(lambda: palm.generate(target, prompt, n, temperature=0, compile=compile))
+        draft_s, _ = timed(lambda: palm.generate(draft, prompt, n, temperature=0, compile=compile))
         plain_tps.append(n / plain_s)
         draft_ratio.append(plain_s / draft_s)
         same = True
         for k in args.k:
-            spec = speculative_stream(target, draft, prompt, n, draft_k=k, temperature=0)
+            spec = speculative_stream(target, draft, prompt, n, draft_k=k, temperature=0, compile=compile)
             spec_s, tokens = timed(lambda: torch.cat(list(spec)))
             same &= torch.equal(torch.cat([prompt, tokens]), plain)
             ratios[k].append(plain_s / spec_s)
@@ -83,7 +86,8 @@ def run_pair(args: argparse.Namespace) -> None:
             counts[1] += spec.acceptance.proposed
             counts[2] += spec.acceptance.rounds
         identical += same
-    print(f"{len(prompts)} prompts of {args.prompt_len} bytes, {n} new tokens each, greedy; "
+    print(f"{len(prompts)} prompts of {args.prompt_len} bytes, {n} new tokens each, greedy, "
+          f"{'compiled' if compile else 'eager'} (plain and speculative alike); "
           f"speculative == plain greedy for {identical}/{len(prompts)} prompts (all k)")
     print(f"plain target: median {statistics.median(plain_tps):.0f} tokens/s; "
           f"draft alone {statistics.median(draft_ratio):.1f}x the target's speed")
@@ -140,6 +144,7 @@ def main() -> None:
     pair.add_argument("--new_tokens", type=int, default=128)
     pair.add_argument("--k", type=int, nargs="+", default=[2, 4, 6])
     pair.add_argument("--seed", type=int, default=0)
+    pair.add_argument("--compile", action="store_true", help="plain and speculative decoding both through torch.compile")
     pair.set_defaults(func=run_pair)
     cost = commands.add_parser("cost")
     cost.add_argument("--presets", nargs="+", default=["150m", "1b"])

@@ -142,8 +142,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
         if args.num_samples != 1:
             raise PalmError("--draft decodes one sample at a time; use --num_samples 1")
-        if args.compile:
-            raise PalmError("--draft does not combine with --compile")
         check_at_least("--draft_k", args.draft_k, 1)
         draft = load(args.draft, device=device, dtype=args.dtype)
         check_draft(model, draft)
@@ -168,7 +166,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if draft is not None:
         from palm.inference.speculative import speculative_stream
 
-        tokens_out = speculative_stream(model, draft, prompt_ids, max_new, draft_k=args.draft_k, **options)
+        tokens_out = speculative_stream(model, draft, prompt_ids, max_new, draft_k=args.draft_k, compile=args.compile,
+                                        **options)
     else:
         tokens_out = stream(model, batch, max_new, compile=args.compile, **options)
     for tokens in tokens_out:

@@ -37,6 +37,17 @@ def test_greedy_speculative_equals_greedy(trained_tiny, draft_k):
         assert 0 < spec.acceptance.accepted < spec.acceptance.proposed  # both accept and reject paths ran
 
 
+def test_compiled_speculative_greedy_equals_eager_greedy(trained_tiny):
+    # The compiled path attends over the whole preallocated cache with a mask, the eager one over
+    # the filled part: the tokens must still be the target's greedy ones, in and past every round.
+    draft = noisy_copy(trained_tiny, 0.5)
+    for prompt in prompts()[1:3]:
+        plain = palm.generate(trained_tiny, prompt, 30, temperature=0)
+        spec = speculative_stream(trained_tiny, draft, prompt, 30, draft_k=4, temperature=0, compile=True)
+        assert torch.equal(torch.cat([prompt, *list(spec)]), plain)
+        assert 0 < spec.acceptance.accepted < spec.acceptance.proposed
+
+
 def test_greedy_with_the_target_as_its_own_draft_accepts_everything(trained_tiny):
     prompt = prompts()[1]
     spec = speculative_stream(trained_tiny, trained_tiny, prompt, 23, draft_k=4, temperature=0)

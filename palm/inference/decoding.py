@@ -72,22 +72,40 @@ def decoding_view(model: nn.Module) -> nn.Module:
     return swap_in_kernels(copy.deepcopy(model, memo=shared).eval())
 
 
+def forward_step(model: PaLM, cache: KVCache, tokens: Tensor, positions: Tensor, starts: Tensor, keys: int) -> Tensor:
+    """Logits (b, n, vocab) for new tokens (b, n) at `positions` (n,), each attending to the cached
+    keys [0, keys) at or before its own position (and after its sequence's start in `starts`)."""
+    return model(tokens, positions, attention_mask(positions, keys, starts), cache)
+
+
 def decode_step(model: PaLM, cache: KVCache, tokens: Tensor, position: Tensor, starts: Tensor, keys: int) -> Tensor:
     """Logits (b, vocab) for one new token per sequence at `position` (1,), attending to cached keys [0, keys)."""
-    return model(tokens, position, attention_mask(position, keys, starts), cache)[:, -1]
+    return forward_step(model, cache, tokens, position, starts, keys)[:, -1]
 
 
 @functools.cache
-def compiled_decode_step(device_type: str):
-    """`decode_step` through torch.compile. The first call compiles for the batch size and length at
-    hand; a later call with another length recompiles once with those sizes symbolic.
+def compiled(step, device_type: str):
+    """`step` (`decode_step` or `forward_step`) through torch.compile. The first call compiles for
+    the shapes at hand; a later call with other sizes recompiles once with those sizes symbolic.
 
     On the CPU the compiled graph runs from a C++ wrapper: eager PyTorch spends ~10-20 us of
     Python per op, a few hundred ops per token, as much as the matmuls of a small model.
     On CUDA, CUDA graphs remove the kernel-launch overhead instead.
     """
     options = {"triton.cudagraphs": True} if device_type == "cuda" else {"cpp_wrapper": True}
-    return torch.compile(decode_step, options=options)
+    return torch.compile(step, options=options)
+
+
+def compiled_decode_step(device_type: str):
+    """`decode_step` through torch.compile (see `compiled`)."""
+    return compiled(decode_step, device_type)
+
+
+def mark_static(cache: KVCache) -> None:
+    """Tell torch.compile that `cache`'s tensors are written in place every step and never
+    reallocated (static inputs, so that CUDA graphs can capture them)."""
+    for tensor in (*cache.keys, *cache.values):
+        torch._dynamo.mark_static_address(tensor, guard=False)
 
 
 @torch.inference_mode()
@@ -126,9 +144,8 @@ def stream(
     total = prompt_len + max_new_tokens
     decoder = decoding_view(model)
     cache = decoder.make_cache(batch, total)
-    if compile:  # written in place every step: static inputs, so that CUDA graphs can capture them
-        for tensor in (*cache.keys, *cache.values):
-            torch._dynamo.mark_static_address(tensor, guard=False)
+    if compile:
+        mark_static(cache)
     options = dict(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p, generator=generator)
 
     positions = torch.arange(prompt_len, device=device)
@@ -179,12 +196,11 @@ def generate(
                    eos_token_id=eos_token_id, generator=generator)
     prompts = prompt_rows(prompt_ids)
     if draft_model is not None:
-        if compile:
-            raise PalmError("compile is not supported with a draft model")
         from palm.inference.speculative import speculative_stream
 
         check_context(max(len(p) for p in prompts), max_new_tokens, model.config.max_seq_len)
-        per_prompt = [list(speculative_stream(model, draft_model, p, max_new_tokens, draft_k=draft_k, **options))
+        per_prompt = [list(speculative_stream(model, draft_model, p, max_new_tokens, draft_k=draft_k, compile=compile,
+                                              **options))
                       for p in prompts]
         longest = max(len(s) for s in per_prompt)
         fill = torch.tensor([eos_token_id if eos_token_id is not None else 0])

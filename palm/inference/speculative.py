@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from palm.errors import PalmError
-from palm.inference.decoding import attention_mask, check_context, decoding_view, prompt_rows
+from palm.inference.decoding import (attention_mask, check_context, compiled, decode_step, decoding_view,
+                                     forward_step, mark_static, prompt_rows)
 from palm.inference.sampling import check_sampling_options, draw, sampling_probs
 from palm.model import KVCache, PaLM
 
@@ -121,12 +122,15 @@ def speculative_stream(
     top_p: float | None = None,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> SpeculativeStream:
     """Decode one prompt with `model`, `draft_model` proposing `draft_k` tokens per round.
 
     Arguments as `palm.stream`, for a single prompt (1-D, or a batch of one). The stream ends after
     `eos_token_id` (yielded) or `max_new_tokens`. Both models run through decoding views of
-    themselves (`decoding_view`) and are left unchanged.
+    themselves (`decoding_view`) and are left unchanged. `compile=True` runs the draft's one-token
+    steps and the target's verifying forwards through torch.compile (`palm.inference.decoding.compiled`):
+    for small drafts most of a step is fixed per-op cost, which compiling removes.
     """
     check_sampling_options(temperature, filter_thres, top_k, top_p)
     check_draft(model, draft_model)
@@ -142,14 +146,15 @@ def speculative_stream(
         raise PalmError(f"prompt has token ids outside the model's vocabulary [0, {model.config.num_tokens})")
     acceptance = Acceptance()
     options = dict(temperature=temperature, filter_thres=filter_thres, top_k=top_k, top_p=top_p)
-    tokens = rounds(model, draft_model, prompt, max_new_tokens, draft_k, options, eos_token_id, generator, acceptance)
+    tokens = rounds(model, draft_model, prompt, max_new_tokens, draft_k, options, eos_token_id, generator, acceptance,
+                    compile)
     return SpeculativeStream(tokens, acceptance)
 
 
 @torch.inference_mode()
 def rounds(
     model: PaLM, draft_model: PaLM, prompt: Tensor, max_new_tokens: int, draft_k: int, options: dict,
-    eos_token_id: int | None, generator: torch.Generator | None, acceptance: Acceptance,
+    eos_token_id: int | None, generator: torch.Generator | None, acceptance: Acceptance, compile: bool = False,
 ) -> Iterator[Tensor]:
     """The decoding loop of `speculative_stream` (a generator: nothing runs until the first token is asked for)."""
     if max_new_tokens <= 0:
@@ -165,22 +170,48 @@ def rounds(
     if target_filled:
         forward_from(target, target_cache, sequence[:, :-1], 0)
         forward_from(draft, draft_cache, sequence[:, :-1], 0)
+    if compile:
+        # Every query attends over the whole preallocated cache, masked to its own position, so
+        # that the compiled graphs see the same shapes every round.
+        for cache in (target_cache, draft_cache):
+            mark_static(cache)
+        starts = torch.zeros(1, dtype=torch.long, device=device)
+        draft_step, verify_step = compiled(decode_step, device.type), compiled(forward_step, device.type)
+
+        def draft_forward(tokens: Tensor, start: int) -> Tensor:
+            for i in range(tokens.shape[1]):
+                logits = draft_step(draft, draft_cache, tokens[:, i : i + 1], starts.new_tensor([start + i]), starts, total)
+            return logits
+
+        def target_forward(tokens: Tensor, start: int) -> Tensor:
+            positions = torch.arange(start, start + tokens.shape[1], device=device)
+            # one graph for every k (the last round may propose fewer), not a recompile for the first other one
+            if tokens.shape[1] > 1:  # (a size of 1 is always specialized)
+                torch._dynamo.mark_dynamic(tokens, 1)
+                torch._dynamo.mark_dynamic(positions, 0)
+            return verify_step(target, target_cache, tokens, positions, starts, total)
+    else:
+        def draft_forward(tokens: Tensor, start: int) -> Tensor:
+            return forward_from(draft, draft_cache, tokens, start)[:, -1]
+
+        def target_forward(tokens: Tensor, start: int) -> Tensor:
+            return forward_from(target, target_cache, tokens, start)
     emitted = 0
     while emitted < max_new_tokens:
         n = sequence.shape[1]
         k = min(draft_k, max_new_tokens - emitted - 1)  # a round emits up to k + 1 tokens
         proposals, draft_probs = [], []
         if k:
-            logits = forward_from(draft, draft_cache, sequence[:, draft_filled:], draft_filled)[:, -1]
+            logits = draft_forward(sequence[:, draft_filled:], draft_filled)
             for i in range(k):
                 q = sampling_probs(logits, **options)
                 proposals.append(draw(q, greedy, generator))
                 draft_probs.append(q)
                 if i < k - 1:
-                    logits = forward_from(draft, draft_cache, proposals[-1][:, None], n + i)[:, -1]
+                    logits = draft_forward(proposals[-1][:, None], n + i)
             draft_filled = n + k - 1
         proposed = torch.stack(proposals, dim=1) if k else sequence.new_zeros(1, 0)
-        logits = forward_from(target, target_cache, torch.cat([sequence[:, -1:], proposed], dim=1), n - 1)
+        logits = target_forward(torch.cat([sequence[:, -1:], proposed], dim=1), n - 1)
         target_probs = sampling_probs(logits, **options)
         draft_probs = torch.stack(draft_probs, dim=1) if k else target_probs.new_zeros(1, 0, target_probs.shape[-1])
         accepted, next_token = verify(target_probs, draft_probs, proposed, greedy=greedy, generator=generator)
