@@ -161,3 +161,96 @@ def test_preset_downloads_the_published_file(tmp_path, monkeypatch):
     # the preset's config is used, so a file of another size is caught
     with pytest.raises(PalmError, match="does not fit preset palm_150m_8k_v0"):
         palm.load("palm_150m_8k_v0")
+
+
+def mixed_tensors() -> dict[str, torch.Tensor]:
+    """Tensors of several dtypes (so that safetensors' dtype-then-name layout shows), an empty
+    one, a scalar and a non-ASCII name."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "w": torch.randn(3, 4, generator=g), "b.bf16": torch.randn(5, generator=g).to(torch.bfloat16),
+        "q.int8": torch.randint(-127, 128, (4, 2), generator=g, dtype=torch.int8), "mask": torch.tensor([True, False]),
+        "d": torch.randn(2, generator=g, dtype=torch.float64), "empty": torch.zeros(0, 3), "scalar": torch.tensor(2.5),
+        "h": torch.randn(3, generator=g).half(), "ids": torch.arange(4), "gewicht.ä": torch.ones(2),
+    }
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}])
+def test_the_streaming_writer_writes_what_safetensors_writes(tmp_path, metadata):
+    from safetensors.torch import load_file, save_file
+
+    for tensors in (mixed_tensors(), {}):
+        save_file(tensors, tmp_path / "theirs.safetensors", metadata=metadata)
+        checkpoint.write_safetensors(tensors, tmp_path / "ours.safetensors", metadata=metadata)
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "theirs.safetensors").read_bytes()
+        again = load_file(tmp_path / "ours.safetensors")
+        assert again.keys() == tensors.keys()
+        assert all(again[k].dtype == t.dtype and torch.equal(again[k], t) for k, t in tensors.items())
+
+
+def test_the_streaming_writer_takes_non_contiguous_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    x = torch.randn(4, 6)
+    tensors = {"transposed": x.T, "strided": x[:, ::2], "bf16": x.to(torch.bfloat16).T}
+    checkpoint.write_safetensors(tensors, tmp_path / "t.safetensors")
+    again = load_file(tmp_path / "t.safetensors")
+    assert all(torch.equal(again[k], t) for k, t in tensors.items())
+
+
+def test_a_lazy_state_dict_is_written_one_tensor_at_a_time(tmp_path):
+    """Each tensor is made once, in the file's order, after the one before it was dropped."""
+    import gc
+    import weakref
+
+    from safetensors.torch import load_file
+
+    source = mixed_tensors()
+    made, alive = [], []
+
+    def make(name):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        tensor = source[name].clone()
+        made.append(weakref.ref(tensor))
+        return tensor
+
+    lazy = checkpoint.LazyStateDict({k: (t.dtype, tuple(t.shape)) for k, t in source.items()}, make)
+    checkpoint.write_safetensors(lazy, tmp_path / "lazy.safetensors")
+    assert len(made) == len(source) and alive == [0] * len(source)
+    again = load_file(tmp_path / "lazy.safetensors")
+    assert all(torch.equal(again[k], t) for k, t in source.items())
+
+    wrong = checkpoint.LazyStateDict({"w": (torch.float32, (3, 5))}, lambda name: torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="'w' is torch.float32 \\(3, 4\\); its spec said torch.float32 \\(3, 5\\)"):
+        checkpoint.write_safetensors(wrong, tmp_path / "wrong.safetensors")
+
+
+def test_lazy_reads_give_the_stored_tensors(tmp_path, reference_checkpoint):
+    path, ref = reference_checkpoint
+    palm.save_pretrained(palm.load(path), tmp_path / "ours")
+    expected = palm.load(path).state_dict()
+    for source in (path, tmp_path / "ours"):
+        lazy = checkpoint.read_lazily(source)
+        stored = {k: v for k, v in expected.items() if k in lazy}
+        assert set(lazy) - set(expected) == set() and stored.keys() >= {"token_emb.weight", "layers.1.fn.ff_out.2.weight"}
+        assert all(torch.equal(lazy[k], v) for k, v in stored.items())
+        assert all(lazy.spec(k) == (v.dtype, tuple(v.shape)) for k, v in stored.items())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_loading_without_mmap_leaves_no_mapping_of_the_file(tmp_path, reference_checkpoint):
+    """A model loaded with mmap=False holds its tensors in memory of its own (freed one by one,
+    e.g. as it is quantized), and gives the same logits."""
+    import gc
+
+    path, ref = reference_checkpoint
+    palm.save_pretrained(palm.load(path), tmp_path / "ours")
+    weights = str((tmp_path / "ours" / "model.safetensors").resolve())
+    mapped = palm.load(tmp_path / "ours")
+    assert weights in open("/proc/self/maps").read()
+    del mapped
+    gc.collect()
+    own = palm.load(tmp_path / "ours", mmap=False)
+    assert weights not in open("/proc/self/maps").read()
+    torch.testing.assert_close(logits(own), logits(ref), atol=1e-5, rtol=0)
