@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -147,23 +148,44 @@ class PartsLoraLinear(LoraLinear):
         super().merge(safe_merge, adapter_names)
 
 
-def merged_state_dict(model: nn.Module, base: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def merged_state_dict(model: nn.Module, base: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The float32 state dict of a plain PaLM whose weights are the base weights plus every active
     LoRA delta, summed in float32 (so that one cast afterwards is the only rounding). `model`
     holds the adapters (a PeftModel, or a PaLM they were injected into) and is left unchanged.
     `base`: the state dict to merge onto instead of the model's own base weights (the
-    full-precision originals of an int8 base)."""
+    full-precision originals of an int8 base). To merge one tensor at a time instead of building
+    the whole merged model, apply `merger(model)` to each base tensor as it is needed."""
+    merge = merger(model)
+    return {name: merge(name, tensor) for name, tensor in (base if base is not None else base_weights(model)).items()}
+
+
+def base_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The model's own base weights (no copies), under the names a plain PaLM gives them; refused
+    for an int8 base, whose full-precision weights are not in the model."""
     palm = model.get_base_model() if isinstance(model, PeftModel) else model
-    if base is None and any(isinstance(m, Int8Linear) for m in palm.modules()):
+    if any(isinstance(m, Int8Linear) for m in palm.modules()):
         raise PalmError("the base weights are int8: pass the full-precision base weights to merge onto")
-    own = {name.replace(".base_layer.", "."): tensor for name, tensor in palm.state_dict().items() if ".lora_" not in name}
-    state = {name: tensor.float() for name, tensor in (base if base is not None else own).items()}
-    for name, module in palm.named_modules():
-        if isinstance(module, LoraLinear):
-            for adapter in module.active_adapters:
-                if adapter in module.lora_A:
-                    state[f"{name}.weight"] = state[f"{name}.weight"] + module.get_delta_weight(adapter).float()
-    return state
+    return {name.replace(".base_layer.", "."): tensor for name, tensor in palm.state_dict().items() if ".lora_" not in name}
+
+
+def merger(model: nn.Module) -> Callable[[str, Tensor], Tensor]:
+    """A function of (name, base tensor) giving the merged model's tensor `name` in float32: the
+    base tensor plus the active LoRA deltas of the layer it is the weight of, if any (a new
+    tensor), else the base tensor itself (as float32). `model` is left unchanged."""
+    palm = model.get_base_model() if isinstance(model, PeftModel) else model
+    layers = {f"{name}.weight": module for name, module in palm.named_modules() if isinstance(module, LoraLinear)}
+
+    @torch.no_grad()
+    def merge(name: str, tensor: Tensor) -> Tensor:
+        tensor = tensor.float()
+        layer = layers.get(name)
+        if layer is not None:
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A:
+                    tensor = tensor + layer.get_delta_weight(adapter).float()
+        return tensor
+
+    return merge
 
 
 def read_adapter_config(directory: Path) -> PaLMLoraConfig:

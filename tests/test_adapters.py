@@ -126,3 +126,29 @@ def _greedy(model, prompt, steps):
 def test_bad_adapter_settings(targets, r, message):
     with pytest.raises(PalmError, match=message):
         lora_config(targets, r=r)
+
+
+def test_a_lazily_merged_model_saves_one_matrix_at_a_time_and_loads_with_the_adapters_logits(tmp_path):
+    import gc
+    import weakref
+
+    from palm.adapters import base_weights, merger
+    from palm.checkpoint import LazyStateDict, save_state_dict
+
+    model = base_model()
+    peft_model = with_random_adapters(model, ["q", "v", "attn_out"])
+    merge, made, alive = merger(peft_model), [], []
+
+    def merge_one(name, tensor):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        merged = merge(name, tensor)
+        if merged.data_ptr() != tensor.data_ptr():  # an adapted matrix: a new tensor
+            made.append(weakref.ref(merged))
+        return merged
+
+    save_state_dict(LazyStateDict.of(base_weights(peft_model)).mapped(merge_one, dtype=torch.float32), CONFIG,
+                    tmp_path / "merged")
+    assert len(made) == 2 * CONFIG.depth and set(alive) == {0}  # fused and attn_out: each dropped before the next
+    with torch.no_grad():
+        torch.testing.assert_close(palm.load(tmp_path / "merged")(TOKENS), peft_model(TOKENS), atol=1e-5, rtol=0)
