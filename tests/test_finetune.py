@@ -148,7 +148,27 @@ def test_lora_over_int8_trains(setup, tmp_path):
     finetune(FinetuneConfig(**options(setup, tmp_path, quantize="int8", lora_targets="all", max_steps=6)), progress=False)
     losses = [r["loss"] for r in records(tmp_path).values()]
     assert losses[-1] < losses[0] and all(math.isfinite(x) for x in losses)
-    assert palm.load(tmp_path / "model").token_emb.weight.dtype == torch.float32  # merged onto the fp32 originals
+    merged = palm.load(tmp_path / "model")
+    assert merged.token_emb.weight.dtype == torch.float32
+    # merged onto the fp32 originals: the adapter on the fp32 base gives the same logits
+    tokens = torch.randint(0, 257, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), palm.load(tmp_path / "adapter")(tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads Linux's /proc/self/maps")
+def test_an_int8_base_keeps_nothing_of_the_full_precision_file(setup, tmp_path):
+    """Quantized as it is loaded, the base holds no mapping of the checkpoint (a mapped file's
+    pages would stay resident for the whole run, kept by the weights that stay full precision)."""
+    import gc
+    import shutil
+
+    shutil.copytree(setup / "base", tmp_path / "base")  # a file no other test's model maps
+    task = Finetuning(FinetuneConfig(**options(setup, None, checkpoint=str(tmp_path / "base"), quantize="int8")))
+    model = task.build_model()
+    gc.collect()
+    assert str((tmp_path / "base" / "model.safetensors").resolve()) not in Path("/proc/self/maps").read_text()
+    assert model.get_base_model().layers[0].fn.fused_attn_ff_proj.base_layer.weight.dtype == torch.int8
 
 
 def test_chat_data_learns_every_assistant_turn(setup, tmp_path):

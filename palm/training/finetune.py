@@ -10,6 +10,7 @@ prompts the way the model learned them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from palm.checkpoint import load, read_source, save_state_dict, strip_wrapper_prefixes
+from palm.checkpoint import LazyStateDict, load, read_lazily, save_state_dict, strip_wrapper_prefixes
 from palm.checks import check_vocabulary, require_eos
 from palm.config import PaLMConfig
 from palm.data.instructions import IGNORE, Examples, read_records, split_records, stdlib_instructions, tokenize
@@ -59,7 +60,9 @@ class Finetuning(Task):
         c = self.config
         self.tokenizer = load_tokenizer(c.tokenizer, eos_token=c.eos_token)
         require_eos(self.tokenizer)
-        model = load(c.checkpoint)
+        # an int8 base reads each weight into memory of its own, freed as it is quantized: a mapped
+        # file would stay resident for the whole run, kept by the weights that stay full precision
+        model = load(c.checkpoint, mmap=not c.quantize)
         if any("lora_" in name for name, _ in model.named_parameters()):
             raise PalmError(f"{c.checkpoint} is a model with an adapter: fine-tune its merged model (model/) instead")
         self.base_dtype = model.token_emb.weight.dtype
@@ -142,11 +145,12 @@ class Finetuning(Task):
         if self.peft_model is None:
             return super().save_final(state_dict, out_dir)
         self._save_adapter(state_dict, out_dir / "adapter")
-        from palm.adapters import merged_state_dict
+        from palm.adapters import base_weights, merger
 
-        # merge onto the original weights, not their int8 rounding
-        base = strip_wrapper_prefixes(read_source(self.config.checkpoint)[0]) if self.config.quantize else None
-        self._save_full(merged_state_dict(self.peft_model, base=base), out_dir / "model")
+        # merged one matrix at a time as it is written; an int8 run merges onto the original
+        # weights (not their int8 rounding), read one at a time
+        base = read_lazily(self.config.checkpoint) if self.config.quantize else base_weights(self.peft_model)
+        self._save_full(LazyStateDict.of(base).mapped(merger(self.peft_model), dtype=torch.float32), out_dir / "model")
         return out_dir / "model"
 
     def _save_adapter(self, state_dict: dict[str, Tensor], directory: Path) -> None:
@@ -154,9 +158,11 @@ class Finetuning(Task):
         make_shareable(directory / "adapter_model.safetensors")  # safetensors writes it 0600
         save_prompt_style(self.style, directory)
 
-    def _save_full(self, state_dict: dict[str, Tensor], directory: Path) -> None:
-        """Cast once to the base checkpoint's dtype and save as palm.save_pretrained does."""
-        save_state_dict({k: v.to(self.base_dtype) for k, v in state_dict.items()}, self.model_config, directory)
+    def _save_full(self, state_dict: Mapping[str, Tensor], directory: Path) -> None:
+        """Cast once to the base checkpoint's dtype and save as palm.save_pretrained does, one
+        tensor at a time."""
+        state = LazyStateDict.of(state_dict).mapped(lambda name, tensor: tensor, dtype=self.base_dtype)
+        save_state_dict(state, self.model_config, directory)
         save_prompt_style(self.style, directory)
 
     def finish(self, model: nn.Module, directory: Path, device: torch.device) -> None:
