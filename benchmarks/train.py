@@ -1,11 +1,12 @@
 """Training throughput and MFU: `palm train` against the seed's model code in a plain AdamW loop.
 
     .venv/bin/python benchmarks/train.py [--preset 150m] [--batch_size 4] [--seq_len 512] \
-        [--steps 4] [--precisions fp32 bf16] [--device cpu]
+        [--steps 4] [--rounds 3] [--precisions fp32 bf16] [--device cpu]
 
-Both sides train the same architecture from random weights on the same batch shape (batch x
+All rows train the same architecture from random weights on the same batch shape (batch x
 seq_len tokens per optimizer step): palm through its full `palm train` loop (accelerate,
-weight-decay groups, clipping, warmup/cosine schedule, metrics), the seed through
+weight-decay groups, clipping, warmup/cosine schedule, metrics), palm's model in the same bare
+loop as the seed's (so that these two rows show what `palm train` costs on top of its model), the seed through
 palm-rlhf-pytorch 0.2.1's `PaLM(..., return_loss=True)` and `torch.optim.AdamW` with bf16 via
 `torch.autocast`. The first step of each is a warm-up and is not timed; tokens/s is the median
 over the timed steps. MFU uses the PaLM paper's 6N + 12LHQT FLOPs per token against a peak: the
@@ -34,13 +35,29 @@ def seed_tokens_per_sec(config, batch_size: int, seq_len: int, steps: int, preci
     torch.manual_seed(0)
     model = SeedPaLM(num_tokens=config.num_tokens, dim=config.dim, depth=config.depth, heads=config.heads,
                      dim_head=config.dim_head, ff_mult=config.ff_mult, qk_rmsnorm=config.qk_rmsnorm).to(device)
+    return bare_loop_tokens_per_sec(model, lambda batch: model(batch, return_loss=True), config, batch_size, seq_len,
+                                    steps, precision, device)
+
+
+def palm_model_tokens_per_sec(config, batch_size: int, seq_len: int, steps: int, precision: str, device: str) -> float:
+    """palm's own model in the same bare loop: what `palm train` costs on top of its model."""
+    from palm.model import PaLM
+
+    torch.manual_seed(0)
+    model = PaLM(config).to(device)
+    return bare_loop_tokens_per_sec(model, model.loss, config, batch_size, seq_len, steps, precision, device)
+
+
+def bare_loop_tokens_per_sec(model, loss_of, config, batch_size: int, seq_len: int, steps: int, precision: str,
+                             device: str) -> float:
+    """Median tokens/s of a plain AdamW loop (autocast for bf16, clipping at 1.0), the first step untimed."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     data = torch.randint(0, config.num_tokens, (steps + 1, batch_size, seq_len), device=device)
     times = []
     for batch in data:
         start = time.perf_counter()
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = model(batch, return_loss=True)
+            loss = loss_of(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -69,6 +86,7 @@ def main() -> None:
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of `palm train` against the bare loop")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -80,17 +98,32 @@ def main() -> None:
     flops = flops_per_token(config, n_params, args.seq_len)
     print(f"{args.preset}: {n_params / 1e6:.1f}M parameters, batch {args.batch_size} x {args.seq_len}, "
           f"{flops / 1e9:.2f} GFLOP per token, device {args.device}, {torch.get_num_threads()} threads\n")
-    print("| code | precision | tokens/s | x seed | MFU | peak TFLOP/s (source) |")
-    print("| --- | --- | ---: | ---: | ---: | --- |")
+    print("| code | precision | tokens/s | x seed | x palm's model, bare loop | MFU | peak TFLOP/s (source) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
     for precision in args.precisions:
         peak, source = peak_flops(torch.device(args.device), precision)
-        seed = seed_tokens_per_sec(config, args.batch_size, args.seq_len, args.steps, precision, args.device)
-        rows = (("seed: palm-rlhf-pytorch 0.2.1 + AdamW", lambda: seed),
-                ("palm train", lambda: palm_tokens_per_sec(args.preset, args.batch_size, args.seq_len, args.steps, precision, peak)))
-        for name, measure in rows:
-            rate = measure()
-            print(f"| {name} | {precision} | {rate:,.0f} | {rate / seed:.2f} | {100 * rate * flops / peak:.1f}% | "
-                  f"{peak / 1e12:.3f} ({source}) |", flush=True)
+        shape = (config, args.batch_size, args.seq_len, args.steps, precision, args.device)
+        seed = seed_tokens_per_sec(*shape)
+        # `palm train` and the bare loop in turn, `--rounds` times, the order swapped each round: on a
+        # shared machine the load moves within minutes, so their ratio is taken round by round.
+        bare, full, ratios = [], [], []
+        for r in range(args.rounds):
+            measure = [lambda: palm_model_tokens_per_sec(*shape),
+                       lambda: palm_tokens_per_sec(args.preset, args.batch_size, args.seq_len, args.steps, precision, peak)]
+            if r % 2:
+                full.append(measure[1]())
+                bare.append(measure[0]())
+            else:
+                bare.append(measure[0]())
+                full.append(measure[1]())
+            ratios.append(full[-1] / bare[-1])
+        bare_rate, full_rate = statistics.median(bare), statistics.median(full)
+        rows = (("seed: palm-rlhf-pytorch 0.2.1 + AdamW", seed, ""),
+                ("palm's model + AdamW (bare loop)", bare_rate, "1.00"),
+                ("palm train", full_rate, f"{statistics.median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"))
+        for name, rate, versus_bare in rows:
+            print(f"| {name} | {precision} | {rate:,.0f} | {rate / seed:.2f} | {versus_bare} | "
+                  f"{100 * rate * flops / peak:.1f}% | {peak / 1e12:.3f} ({source}) |", flush=True)
 
 
 if __name__ == "__main__":

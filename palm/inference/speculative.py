@@ -96,6 +96,12 @@ def forward_from(model: PaLM, cache: KVCache, tokens: Tensor, start: int) -> Ten
     return model(tokens, positions, attention_mask(positions, start + n, starts), cache)
 
 
+def draft_decode_step(model: PaLM, cache: KVCache, tokens: Tensor, position: Tensor, starts: Tensor, keys: int) -> Tensor:
+    """`decode_step` under a name of its own: torch.compile keeps compiled graphs per function, so
+    the draft's steps do not check the guards of the target's graphs (or plain decoding's) first."""
+    return decode_step(model, cache, tokens, position, starts, keys)
+
+
 class SpeculativeStream:
     """The tokens of one speculatively decoded sequence, each a (1,) tensor as `palm.stream` yields
     them; `acceptance` counts proposals and accepted tokens as the stream goes. Made by
@@ -176,7 +182,7 @@ def rounds(
         for cache in (target_cache, draft_cache):
             mark_static(cache)
         starts = torch.zeros(1, dtype=torch.long, device=device)
-        draft_step, verify_step = compiled(decode_step, device.type), compiled(forward_step, device.type)
+        draft_step, verify_step = compiled(draft_decode_step, device.type), compiled(forward_step, device.type)
 
         def draft_forward(tokens: Tensor, start: int) -> Tensor:
             for i in range(tokens.shape[1]):
