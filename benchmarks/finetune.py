@@ -9,7 +9,10 @@ instruction records long enough that every example fills --seq_len. Each variant
 checkpoints off) in a fresh process, fp32 on the CPU: full fine-tuning, LoRA on the default
 targets (q,v), LoRA on every target, and LoRA over int8 base weights. tokens/s is the median of
 the steps after the first (a warm-up); peak RSS is the process's high-water mark (Linux
-`ru_maxrss`), Python, torch and the imports included.
+`VmHWM`, or `ru_maxrss` where it cannot be reset), Python, torch and the imports included; the
+last column splits it by phase (`VmHWM` reset between phases): loading the model (and
+quantizing it), training, and the end of the run (saving: for LoRA the adapter and the merged
+model).
 """
 
 from __future__ import annotations
@@ -32,12 +35,39 @@ VARIANTS = {
 CHILD = """
 import json, resource, sys
 from palm.training.config import FinetuneConfig
-from palm.training.finetune import finetune
+from palm.training.finetune import Finetuning
+from palm.training.loop import run
+
+def phase_peak():
+    # this phase's high-water mark (Linux VmHWM, GiB), then reset it for the next phase
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return peak
+    except (OSError, StopIteration):
+        return None
+
+class Phased(Finetuning):
+    def build_model(self):
+        model = super().build_model()
+        phases["load"] = phase_peak()
+        return model
+
+    def save_final(self, state_dict, out_dir):
+        phases["train"] = phase_peak()
+        return super().save_final(state_dict, out_dir)
+
+phases = {}
 options = json.loads(sys.argv[1])
-finetune(FinetuneConfig(**options), progress=False)
+run(FinetuneConfig(**options), Phased(FinetuneConfig(**options)), progress=False)
+phases["save"] = phase_peak()
 records = [json.loads(line) for line in open(options["out_dir"] + "/metrics.jsonl")]
+# resetting VmHWM resets the kernel's ru_maxrss too: the run's peak is then its phases' highest
+peak = max(phases.values()) if None not in phases.values() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps({"tokens_per_sec": [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r],
-                  "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "peak_rss_gib": peak, "phases": phases}))
 """
 
 
@@ -72,8 +102,8 @@ def main() -> None:
 
     print(f"# {args.preset} preset shape, random weights, fp32, batch {args.batch_size} x seq_len {args.seq_len}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| variant | tokens/s | vs full | peak RSS GiB | vs full |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| variant | tokens/s | vs full | peak RSS GiB | vs full | peak GiB loading / training / saving |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     results = {}
     for name in args.variants:
         with tempfile.TemporaryDirectory(dir=workdir) as out:
@@ -86,12 +116,14 @@ def main() -> None:
                 raise SystemExit(f"{name}: {done.stderr[-2000:]}")
             result = json.loads(done.stdout.strip().splitlines()[-1])
         rate = statistics.median(result["tokens_per_sec"][1:])
-        rss = result["peak_rss_kb"] / 2**20
+        rss = result["peak_rss_gib"]
         results[name] = (rate, rss)
         full = results.get("full")
         ratio = (lambda a, b: f"{a / b:.2f}x") if full else (lambda a, b: "")
+        phases = result["phases"]
+        where = " / ".join(f"{phases[p]:.2f}" if phases.get(p) is not None else "?" for p in ("load", "train", "save"))
         print(f"| {name} | {rate:,.0f} | {ratio(rate, full[0]) if full else ''} | {rss:.2f} | "
-              f"{ratio(rss, full[1]) if full else ''} |", flush=True)
+              f"{ratio(rss, full[1]) if full else ''} | {where} |", flush=True)
 
 
 if __name__ == "__main__":
