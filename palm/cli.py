@@ -123,7 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         check_at_least("--seed", args.seed, 0)
     tokenizer = load_tokenizer(args.tokenizer)
     device = check_device(args.device)
-    model = load(args.checkpoint or args.model, device=device, dtype=args.dtype)
+    # unmapped when it is about to be quantized, so that quantizing frees its full-precision weights
+    model = load(args.checkpoint or args.model, device=device, dtype=args.dtype, mmap=not args.quantize)
     check_vocabulary(tokenizer, model.config.num_tokens)
     prompt_ids = torch.tensor(tokenizer.encode(prompt))
     if len(prompt_ids) == 0:
@@ -143,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.num_samples != 1:
             raise PalmError("--draft decodes one sample at a time; use --num_samples 1")
         check_at_least("--draft_k", args.draft_k, 1)
-        draft = load(args.draft, device=device, dtype=args.dtype)
+        draft = load(args.draft, device=device, dtype=args.dtype, mmap=not args.quantize)
         check_draft(model, draft)
         check_context(len(prompt_ids), max_new, draft.config.max_seq_len)
     if args.quantize:
@@ -330,7 +331,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
         check_at_least("--seed", args.seed, 0)
     style = get_prompt_style(args.prompt_style) if args.prompt_style else None
     device = check_device(args.device)
-    model = load(args.checkpoint, device=device, dtype=args.dtype)
+    model = load(args.checkpoint, device=device, dtype=args.dtype, mmap=not args.quantize)  # see cmd_generate
     tokenizer = load_tokenizer(args.tokenizer)
     style = style or saved_prompt_style(args.checkpoint)
     if style is None:

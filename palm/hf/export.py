@@ -222,9 +222,10 @@ def export_adapter(directory: Path, out: Path, base: str | None = None) -> None:
     are exactly one LoRA of rank parts x r on the whole projection: A stacks the parts' A
     matrices, B places each part's B on its rows and columns (zero elsewhere), and the alpha is
     scaled by the number of parts so that alpha / rank, the scaling, is unchanged."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from palm.adapters import read_adapter_config
+    from palm.checkpoint import write_safetensors
 
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
     parts = config.pop("fused_parts", None)
@@ -239,7 +240,7 @@ def export_adapter(directory: Path, out: Path, base: str | None = None) -> None:
     if base is not None:
         config["base_model_name_or_path"] = base
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_safetensors(state, out / "adapter_model.safetensors", metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name in (STYLE_FILE, TEMPLATE_FILE):
         if (directory / name).is_file():

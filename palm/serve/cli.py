@@ -48,7 +48,8 @@ def build(args: argparse.Namespace):
     if not 0 <= args.port < 65536:
         raise PalmError(f"--port must be in [0, 65535], got {args.port}")
     device = check_device(args.device)
-    model = load(args.checkpoint, device=device, dtype=args.dtype)
+    # unmapped when it is about to be quantized, so that quantizing frees its full-precision weights
+    model = load(args.checkpoint, device=device, dtype=args.dtype, mmap=not args.quantize)
     tokenizer = load_tokenizer(args.tokenizer)
     style = get_prompt_style(args.prompt_style) if args.prompt_style else saved_prompt_style(args.checkpoint)
     chat_stops = []
