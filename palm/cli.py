@@ -190,18 +190,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         for i, streamer in enumerate(streamers):
             sys.stdout.write(f"--- sample {i + 1} ---\n{prompt}{tokenizer.decode(streamer.ids)}\n")
-    # with --compile the first decode step compiles; the rate counts the steps after it
-    rate_from, rate_steps = (second_token_at, count - 2) if args.compile else (first_token_at, count - 1)
-    decode_rate = rate_steps / (end - rate_from) if rate_steps > 0 else float("nan")
-    compiling = f", compiling {second_token_at - first_token_at:.1f}s" if args.compile and count > 1 else ""
+    first_s = first_token_at - start if first_token_at else 0
     drafted = ""
-    if draft is not None:
+    if draft is not None:  # tokens come a round at a time, the first after the prefill and one round
         acceptance = tokens_out.acceptance
         drafted = (f"; draft acceptance {acceptance.rate:.0%} ({acceptance.accepted}/{acceptance.proposed} "
                    f"proposals, k={args.draft_k}, {acceptance.rounds} target forwards)")
+        rate_from, rate_steps = first_token_at, count - 1
+        timing = (f"prompt {len(prompt_ids)} tokens and the first round in {first_s:.2f}s"
+                  f"{' (compiling included)' if args.compile else ''}")
+    elif args.compile:  # the first decode step compiles; the rate counts the steps after it
+        rate_from, rate_steps = second_token_at, count - 2
+        compiling = f", compiling {second_token_at - first_token_at:.1f}s" if count > 1 else ""
+        timing = f"prompt {len(prompt_ids)} tokens in {first_s:.2f}s{compiling}"
+    else:
+        rate_from, rate_steps = first_token_at, count - 1
+        timing = f"prompt {len(prompt_ids)} tokens in {first_s:.2f}s"
+    decode_rate = rate_steps / (end - rate_from) if rate_steps > 0 else float("nan")
     print(
-        f"[{count} tokens x {args.num_samples} in {end - start:.2f}s: prompt {len(prompt_ids)} tokens "
-        f"in {first_token_at - start if first_token_at else 0:.2f}s{compiling}, "
+        f"[{count} tokens x {args.num_samples} in {end - start:.2f}s: {timing}, "
         f"decode {decode_rate:.1f} tokens/s per sequence{drafted}]",
         file=sys.stderr,
     )

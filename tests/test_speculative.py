@@ -40,12 +40,19 @@ def test_greedy_speculative_equals_greedy(trained_tiny, draft_k):
 def test_compiled_speculative_greedy_equals_eager_greedy(trained_tiny):
     # The compiled path attends over the whole preallocated cache with a mask, the eager one over
     # the filled part: the tokens must still be the target's greedy ones, in and past every round.
+    from torch._dynamo.utils import counters
+
     draft = noisy_copy(trained_tiny, 0.5)
-    for prompt in prompts()[1:3]:
+    torch._dynamo.reset()
+    graphs = []
+    for prompt in (prompts()[1], prompts()[1].flip(0)):  # two prompts of one length
         plain = palm.generate(trained_tiny, prompt, 30, temperature=0)
         spec = speculative_stream(trained_tiny, draft, prompt, 30, draft_k=4, temperature=0, compile=True)
         assert torch.equal(torch.cat([prompt, *list(spec)]), plain)
         assert 0 < spec.acceptance.accepted < spec.acceptance.proposed
+        graphs.append(counters["stats"]["unique_graphs"])
+    # one graph for the draft's step and one for every verifying width; none more for the second prompt
+    assert graphs == [2, 2]
 
 
 def test_greedy_with_the_target_as_its_own_draft_accepts_everything(trained_tiny):

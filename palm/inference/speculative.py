@@ -186,15 +186,18 @@ def rounds(
 
         def draft_forward(tokens: Tensor, start: int) -> Tensor:
             for i in range(tokens.shape[1]):
-                logits = draft_step(draft, draft_cache, tokens[:, i : i + 1], starts.new_tensor([start + i]), starts, total)
+                # a fresh (1, 1) tensor every call: a slice's strides (or a view of the caller's prompt) would recompile
+                token = tokens[:, i : i + 1].clone(memory_format=torch.contiguous_format)
+                logits = draft_step(draft, draft_cache, token, starts.new_tensor([start + i]), starts, total)
             return logits
 
         def target_forward(tokens: Tensor, start: int) -> Tensor:
+            if tokens.shape[1] == 1:  # a last round with nothing proposed: not worth a graph of its own
+                return forward_from(target, target_cache, tokens, start)
             positions = torch.arange(start, start + tokens.shape[1], device=device)
             # one graph for every k (the last round may propose fewer), not a recompile for the first other one
-            if tokens.shape[1] > 1:  # (a size of 1 is always specialized)
-                torch._dynamo.mark_dynamic(tokens, 1)
-                torch._dynamo.mark_dynamic(positions, 0)
+            torch._dynamo.mark_dynamic(tokens, 1)
+            torch._dynamo.mark_dynamic(positions, 0)
             return verify_step(target, target_cache, tokens, positions, starts, total)
     else:
         def draft_forward(tokens: Tensor, start: int) -> Tensor:
