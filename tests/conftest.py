@@ -68,6 +68,14 @@ CORPUS = "".join(
 )
 
 
+
+def write_corpus(directory, parts: int) -> None:
+    """CORPUS as `parts` text files in `directory` (created), line i in file i % parts."""
+    lines = CORPUS.splitlines(keepends=True)
+    directory.mkdir()
+    for i in range(parts):
+        (directory / f"part{i:02d}.txt").write_text("".join(lines[i::parts]))
+
 @pytest.fixture(scope="session")
 def trained_tiny():
     return train_tiny()

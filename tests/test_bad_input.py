@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS, train_bpe
+from conftest import CORPUS, train_bpe, write_corpus
 from palm import PaLM, PaLMConfig, save_pretrained
 from palm.cli import main
 
@@ -25,10 +25,7 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("user")
     torch.manual_seed(0)
     save_pretrained(PaLM(SMALL_BYTES), root / "model")
-    lines = CORPUS.splitlines(keepends=True)
-    (root / "corpus").mkdir()
-    for i in range(4):
-        (root / "corpus" / f"part{i}.txt").write_text("".join(lines[i::4]))
+    write_corpus(root / "corpus", 4)
     (root / "bpe").mkdir()
     tokenizer = train_bpe([CORPUS], root / "bpe")
     for name, tok in (("dataset", "bytes"), ("bpe-dataset", str(tokenizer))):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CORPUS
+from conftest import CORPUS, write_corpus
 from palm import PaLM, PaLMConfig, PalmError, load, save_pretrained
 from palm.cli import main
 from palm.training.checkpoints import complete_checkpoints
@@ -28,11 +28,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     torch.manual_seed(0)
     save_pretrained(PaLM(SMALL_BYTES), root / "init")
-    lines = CORPUS.splitlines(keepends=True)
-    (root / "corpus").mkdir()
-    for i in range(20):
-        (root / "corpus" / f"part{i:02d}.txt").write_text("".join(lines[i::20]))
-    (root / "val.txt").write_text("".join(lines[::-1][:40]))
+    write_corpus(root / "corpus", 20)
+    (root / "val.txt").write_text("".join(CORPUS.splitlines(keepends=True)[::-1][:40]))
     return root
 
 

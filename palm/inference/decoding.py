@@ -96,11 +96,6 @@ def compiled(step, device_type: str):
     return torch.compile(step, options=options)
 
 
-def compiled_decode_step(device_type: str):
-    """`decode_step` through torch.compile (see `compiled`)."""
-    return compiled(decode_step, device_type)
-
-
 def mark_static(cache: KVCache) -> None:
     """Tell torch.compile that `cache`'s tensors are written in place every step and never
     reallocated (static inputs, so that CUDA graphs can capture them)."""
@@ -127,7 +122,7 @@ def stream(
     `prompt_ids` is one prompt (1-D), a batch of equal-length prompts (2-D), or a list of prompts
     of different lengths (left-padded internally). A sequence that has produced `eos_token_id`
     yields `eos_token_id` from then on; the stream ends when all have, or after `max_new_tokens`.
-    `compile=True` decodes through `compiled_decode_step` (worth it for long generations: the
+    `compile=True` decodes through `compiled(decode_step)` (worth it for long generations: the
     first call compiles for tens of seconds). The model runs through a view of it (see
     `decoding_view`), on palm's kernels on x86 CPUs; `model` itself is never changed.
     """
@@ -161,7 +156,7 @@ def stream(
         yield next_token
         if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
             return
-        step_fn = compiled_decode_step(device.type) if compile else decode_step  # set up after the first token
+        step_fn = compiled(decode_step, device.type) if compile else decode_step  # set up after the first token
         logits = step_fn(decoder, cache, next_token[:, None], positions.new_tensor([prompt_len + step]), starts, total)
 
 
