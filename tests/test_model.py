@@ -66,6 +66,21 @@ def test_causal_future_tokens_do_not_change_past_logits():
         assert not torch.allclose(model(tokens)[:, 25:], model(changed)[:, 25:])
 
 
+def test_logits_to_keep_gives_the_last_positions_of_the_full_forward():
+    model = PaLM(PaLMConfig(**SMALL)).eval()
+    tokens = torch.randint(0, SMALL["num_tokens"], (2, 31))
+    with torch.no_grad():
+        full = model(tokens, torch.arange(31))
+        for keep in (1, 7):
+            cache = model.make_cache(2, 31)
+            kept = model(tokens[:, :30], torch.arange(30), None, cache, logits_to_keep=keep)
+            assert kept.shape == (2, keep, SMALL["num_tokens"])
+            torch.testing.assert_close(kept, full[:, 30 - keep : 30])
+            # the cache still got every position's keys: the next step matches the full forward
+            step = model(tokens[:, 30:], torch.tensor([30]), torch.ones(2, 1, 1, 31, dtype=torch.bool), cache)
+            torch.testing.assert_close(step[:, 0], full[:, 30], atol=1e-5, rtol=1e-5)
+
+
 def test_no_biases_and_embedding_tied():
     model = PaLM(PaLMConfig(**SMALL))
     assert not [n for n, _ in model.named_parameters() if "bias" in n]

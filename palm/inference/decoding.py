@@ -146,7 +146,7 @@ def stream(
     positions = torch.arange(prompt_len, device=device)
     padded = bool(starts.any())
     mask = attention_mask(positions, prompt_len, starts) if padded else None
-    logits = decoder(tokens, positions, mask, cache)[:, -1]
+    logits = decoder(tokens, positions, mask, cache, logits_to_keep=1)[:, -1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         next_token = sample(logits, **options)

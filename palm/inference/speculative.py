@@ -85,15 +85,17 @@ def check_draft(target: PaLM, draft: PaLM) -> None:
         raise PalmError(f"the draft model is on {draft_device} but the target on {target_device}; put both on one device")
 
 
-def forward_from(model: PaLM, cache: KVCache, tokens: Tensor, start: int) -> Tensor:
+def forward_from(model: PaLM, cache: KVCache, tokens: Tensor, start: int, logits_to_keep: int = 0) -> Tensor:
     """Logits (b, n, vocab) of `tokens` (b, n) at positions start..start + n - 1, attending to the
-    cached positions before them; their keys and values overwrite whatever the cache held there."""
+    cached positions before them; their keys and values overwrite whatever the cache held there.
+    `logits_to_keep` as `PaLM.forward` takes it (0: all n)."""
     n = tokens.shape[1]
     positions = torch.arange(start, start + n, device=tokens.device)
-    if start == 0:
-        return model(tokens, positions, None, cache)
-    starts = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-    return model(tokens, positions, attention_mask(positions, start + n, starts), cache)
+    mask = None
+    if start > 0:
+        starts = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        mask = attention_mask(positions, start + n, starts)
+    return model(tokens, positions, mask, cache, logits_to_keep)
 
 
 def draft_decode_step(model: PaLM, cache: KVCache, tokens: Tensor, position: Tensor, starts: Tensor, keys: int) -> Tensor:
@@ -174,8 +176,8 @@ def rounds(
     # Each cache holds the keys of sequence[:, :filled]; the last token is never cached yet.
     target_filled = draft_filled = len(prompt) - 1
     if target_filled:
-        forward_from(target, target_cache, sequence[:, :-1], 0)
-        forward_from(draft, draft_cache, sequence[:, :-1], 0)
+        forward_from(target, target_cache, sequence[:, :-1], 0, logits_to_keep=1)  # the caches only
+        forward_from(draft, draft_cache, sequence[:, :-1], 0, logits_to_keep=1)
     if compile:
         # Every query attends over the whole preallocated cache, masked to its own position, so
         # that the compiled graphs see the same shapes every round.
@@ -201,7 +203,7 @@ def rounds(
             return verify_step(target, target_cache, tokens, positions, starts, total)
     else:
         def draft_forward(tokens: Tensor, start: int) -> Tensor:
-            return forward_from(draft, draft_cache, tokens, start)[:, -1]
+            return forward_from(draft, draft_cache, tokens, start, logits_to_keep=1)[:, -1]
 
         def target_forward(tokens: Tensor, start: int) -> Tensor:
             return forward_from(target, target_cache, tokens, start)
