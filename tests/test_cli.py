@@ -31,14 +31,15 @@ def test_info_of_a_checkpoint(reference_checkpoint, capsys):
 def test_info_system_names_this_machines_paths(capsys):
     import torch
 
-    from palm.inference.cpu import kernel_available, onednn_matmul_faster
+    from palm.inference.cpu import gemv_kernel_faster, kernel_available, onednn_matmul_faster
 
     assert main(["info", "--system"]) == 0
     out = capsys.readouterr().out
     native = any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     assert f"vector unit {torch.backends.cpu.get_cpu_capability()}, native bf16 {'yes' if native else 'no'}" in out
     lines = dict(line.strip().split(": ", 1) for line in out.splitlines() if line.startswith("  "))
-    assert lines["decoding products, up to 8 rows (fp32, bf16, int8)"] == ("palm's GEMV kernel" if kernel_available() else "PyTorch's matmul")
+    assert lines["decoding products, up to 8 rows (fp32, int8)"] == ("palm's GEMV kernel" if kernel_available() else "PyTorch's matmul")
+    assert (lines["decoding products, up to 8 rows (bf16)"] == "palm's GEMV kernel") == gemv_kernel_faster(torch.bfloat16)
     assert lines["larger inference products, fp32"].startswith("oneDNN") == onednn_matmul_faster(torch.float32)
     assert ("native bf16 units" in lines["bf16 training (autocast)"]) == native
 

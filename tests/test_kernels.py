@@ -5,7 +5,8 @@ import torch
 
 import torch.nn.functional as F
 
-from palm.inference.cpu import KERNEL_MAX_ROWS, KernelLinear, onednn_linear, onednn_matmul_faster, single_query_attention, swap_in_kernels
+from palm.inference.cpu import (KERNEL_MAX_ROWS, KernelLinear, gemv_kernel_faster, onednn_linear, onednn_matmul_faster,
+                                single_query_attention, swap_in_kernels)
 from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 x86_avx2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -135,3 +136,33 @@ def test_the_onednn_choice_is_measured_per_dtype_and_applied_by_the_swap():
     for layer in model:
         expected = onednn_matmul_faster(layer.weight.dtype)
         assert layer.onednn is expected if isinstance(layer, KernelLinear) else not expected
+
+
+@pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
+def test_bf16_decoding_leaves_the_kernel_only_on_native_bf16_cpus_that_time_it_faster(monkeypatch, request):
+    import palm.inference.cpu as cpu
+
+    assert gemv_kernel_faster(torch.float32) and gemv_kernel_faster(torch.int8)
+    request.addfinalizer(cpu.gemv_kernel_faster.cache_clear)  # forget the faked choices below
+    timed = []
+
+    def choice(native: bool, kernel_s: float, pytorch_s: float) -> bool:
+        cpu.gemv_kernel_faster.cache_clear()
+        monkeypatch.setattr(cpu, "cpu_has_native_bf16", lambda: native)
+        times = iter([kernel_s, pytorch_s])  # the kernel's pass is timed first
+        monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats=5: timed.append(fn) or next(times))
+        return cpu.gemv_kernel_faster(torch.bfloat16)
+
+    assert choice(False, 2.0, 1.0) is True and timed == []  # no native units: the kernel, nothing timed
+    assert choice(True, 1.0, 2.0) is True and len(timed) == 2
+    assert choice(True, 2.0, 1.0) is False
+    # then the swap leaves bf16 decoding products to PyTorch: the kernel is not called, the result is the matmul's
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=False).bfloat16()
+    swapped = swap_in_kernels(torch.nn.Sequential(layer))[0]
+    calls = []
+    monkeypatch.setattr(cpu, "gemv", lambda *args: calls.append(args) or gemv(*args))
+    x = torch.randn(2, 64).bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x).float(), F.linear(x, layer.weight).float(), atol=2e-2, rtol=2e-2)
+    assert calls == []

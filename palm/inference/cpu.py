@@ -6,7 +6,8 @@ int8 weights) and its single-query attention to palm's attention kernel. Larger 
 big serving batches) go to oneDNN's matmul where it beats PyTorch's default one on this CPU, as
 measured once per process (`onednn_matmul_faster`): on AVX2 CPUs that are not Intel's, MKL's
 small-batch products run at about half of oneDNN's speed; on CPUs with native bf16 (AVX512-BF16,
-AMX) oneDNN is the path to those units. Generation applies this to a view of the caller's model
+AMX) oneDNN is the path to those units, and bf16 decoding products go there too where a one-off
+timing says they beat the kernel (`gemv_kernel_faster`). Generation applies this to a view of the caller's model
 (`palm.inference.decoding.decoding_view`), never to the model itself.
 """
 
@@ -28,10 +29,10 @@ KERNEL_MAX_ROWS = 8
 
 class KernelLinear(nn.Module):
     """A bias-free linear layer over a shared weight (and, for int8, its per-row scale) that sends
-    inference calls of up to KERNEL_MAX_ROWS rows on the CPU to the GEMV kernel, and larger ones
-    to oneDNN's matmul if `onednn` (see `onednn_matmul_faster`)."""
+    inference calls of up to KERNEL_MAX_ROWS rows on the CPU to the GEMV kernel if `gemv` (see
+    `gemv_kernel_faster`), and larger ones to oneDNN's matmul if `onednn` (see `onednn_matmul_faster`)."""
 
-    def __init__(self, weight: Tensor, scale: Tensor | None = None, onednn: bool = False):
+    def __init__(self, weight: Tensor, scale: Tensor | None = None, onednn: bool = False, gemv: bool = True):
         super().__init__()
         if isinstance(weight, nn.Parameter):
             self.weight = weight
@@ -39,12 +40,13 @@ class KernelLinear(nn.Module):
             self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.onednn = onednn
+        self.gemv = gemv
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.device.type == "cpu" and not needs_grad:
-            if rows <= KERNEL_MAX_ROWS and kernel_available():
+            if rows <= KERNEL_MAX_ROWS and self.gemv and kernel_available():
                 y = gemv(x.reshape(rows, -1).float().contiguous(), self.weight, self.scale)
                 return y.to(x.dtype).view(*x.shape[:-1], -1)
             # Inductor cannot lower the op over a weight it has not packed itself: compiled code keeps F.linear.
@@ -79,6 +81,25 @@ def onednn_matmul_faster(dtype: torch.dtype) -> bool:
         return _best_time(lambda: onednn_linear(x, weight)) < 0.9 * _best_time(lambda: F.linear(x, weight))
 
 
+@functools.cache
+def gemv_kernel_faster(dtype: torch.dtype) -> bool:
+    """Whether palm's GEMV kernel takes the decoding products (up to KERNEL_MAX_ROWS rows) of
+    weights in `dtype`: always for fp32 and int8, and for bf16 on CPUs without native bf16 units;
+    on a CPU with them (AVX512-BF16, AMX), only if a one-off timing of one row through 192 MB of
+    bf16 weights (read from memory, as decoding reads them) finds it no slower than PyTorch's
+    matmul, which runs on those units."""
+    if not kernel_available():
+        return False
+    if dtype != torch.bfloat16 or not cpu_has_native_bf16():
+        return True
+    x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(0)).bfloat16()
+    weights = [torch.full((8192, 4096), 0.01, dtype=torch.bfloat16) for _ in range(3)]  # 64 MB each
+    with torch.no_grad():
+        kernel = _best_time(lambda: [gemv(x.float(), w, None) for w in weights], repeats=3)
+        pytorch = _best_time(lambda: [F.linear(x, w) for w in weights], repeats=3)
+    return kernel <= pytorch
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as PyTorch detects it."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -94,8 +115,12 @@ def cpu_paths() -> dict[str, str]:
         return ("oneDNN (measured faster than PyTorch's default)" if onednn_matmul_faster(dtype)
                 else "PyTorch's default matmul (oneDNN not faster here, or cannot run it)")
 
+    bf16_decoding = ("palm's GEMV kernel" if gemv_kernel_faster(torch.bfloat16)
+                     else "PyTorch's matmul on the native bf16 units (measured faster than palm's GEMV kernel)"
+                     if kernels else "PyTorch's matmul")
     return {
-        "decoding products, up to 8 rows (fp32, bf16, int8)": "palm's GEMV kernel" if kernels else "PyTorch's matmul",
+        "decoding products, up to 8 rows (fp32, int8)": "palm's GEMV kernel" if kernels else "PyTorch's matmul",
+        "decoding products, up to 8 rows (bf16)": bf16_decoding,
         "single-query attention": "palm's attention kernel" if kernels else "PyTorch's SDPA",
         "larger inference products, fp32": larger(torch.float32),
         "larger inference products, bf16": larger(torch.bfloat16),
@@ -145,9 +170,9 @@ def swap_in_kernels(model: nn.Module) -> nn.Module:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                onednn = onednn_matmul_faster(child.weight.dtype)
-                if onednn or kernel_available():
-                    setattr(parent, name, KernelLinear(child.weight, onednn=onednn))
+                onednn, use_gemv = onednn_matmul_faster(child.weight.dtype), gemv_kernel_faster(child.weight.dtype)
+                if onednn or use_gemv:
+                    setattr(parent, name, KernelLinear(child.weight, onednn=onednn, gemv=use_gemv))
             elif isinstance(child, Int8Linear) and kernel_available():
                 setattr(parent, name, KernelLinear(child.weight, child.scale))
     if not kernel_available():
