@@ -7,8 +7,8 @@ big serving batches) go to oneDNN's matmul where it beats PyTorch's default one 
 measured once per process (`onednn_matmul_faster`): on AVX2 CPUs that are not Intel's, MKL's
 small-batch products run at about half of oneDNN's speed; on CPUs with native bf16 (AVX512-BF16,
 AMX) oneDNN is the path to those units, and bf16 decoding products go there too where a one-off
-timing says they beat the kernel (`gemv_kernel_faster`). Generation applies this to a view of the caller's model
-(`palm.inference.decoding.decoding_view`), never to the model itself.
+timing says they beat the kernel (`gemv_kernel_faster`). Generation applies this to a view of the
+caller's model (`palm.inference.decoding.decoding_view`), never to the model itself.
 """
 
 from __future__ import annotations
@@ -115,9 +115,12 @@ def cpu_paths() -> dict[str, str]:
         return ("oneDNN (measured faster than PyTorch's default)" if onednn_matmul_faster(dtype)
                 else "PyTorch's default matmul (oneDNN not faster here, or cannot run it)")
 
-    bf16_decoding = ("palm's GEMV kernel" if gemv_kernel_faster(torch.bfloat16)
-                     else "PyTorch's matmul on the native bf16 units (measured faster than palm's GEMV kernel)"
-                     if kernels else "PyTorch's matmul")
+    if not kernels:
+        bf16_decoding = "PyTorch's matmul"
+    elif gemv_kernel_faster(torch.bfloat16):
+        bf16_decoding = "palm's GEMV kernel"
+    else:
+        bf16_decoding = "PyTorch's matmul on the native bf16 units (measured faster than palm's GEMV kernel)"
     return {
         "decoding products, up to 8 rows (fp32, int8)": "palm's GEMV kernel" if kernels else "PyTorch's matmul",
         "decoding products, up to 8 rows (bf16)": bf16_decoding,

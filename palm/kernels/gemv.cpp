@@ -194,7 +194,7 @@ void stream_rows(const typename T::W* w, const typename T::X* xp, const float* x
 
 template <typename T>
 void two_stream_kernel(const typename T::W* w, const typename T::X* xp, const float* x, const float* x_scale,
-                    const float* scale, float* y, int64_t K, int64_t n_begin, int64_t n_end) {
+                       const float* scale, float* y, int64_t K, int64_t n_begin, int64_t n_end) {
   const float xs = x_scale ? x_scale[0] : 1.0f;
   const int64_t half = (n_end - n_begin) / 2;
   for (int64_t i = 0; i < half; ++i) {
