@@ -49,13 +49,14 @@ def main() -> None:
     for batch in args.batches:
         prompt = torch.randint(0, base.config.num_tokens, (batch, 16))
         rates = {dtype: [] for dtype in models}
-        for _ in range(args.rounds):
+        for _ in range(args.rounds + 1):  # the first round warms up (and compiles), untimed
             for dtype, model in models.items():
                 count, first = 0, None
                 for _ in stream(model, prompt, args.new_tokens, temperature=0, compile=args.compile):
                     first = first or time.perf_counter()
                     count += 1
                 rates[dtype].append((count - 1) / (time.perf_counter() - first))
+        rates = {dtype: runs[1:] for dtype, runs in rates.items()}
         reference = rates[next(iter(models))]
         for dtype, runs in rates.items():
             ratios = sorted(r / ref for r, ref in zip(runs, reference))

@@ -143,6 +143,7 @@ def test_bf16_decoding_leaves_the_kernel_only_on_native_bf16_cpus_that_time_it_f
     import palm.inference.cpu as cpu
 
     assert gemv_kernel_faster(torch.float32) and gemv_kernel_faster(torch.int8)
+    onednn_matmul_faster(torch.bfloat16)  # the swap below asks for it: measured now, before the timings are faked
     request.addfinalizer(cpu.gemv_kernel_faster.cache_clear)  # forget the faked choices below
     timed = []
 
@@ -156,13 +157,18 @@ def test_bf16_decoding_leaves_the_kernel_only_on_native_bf16_cpus_that_time_it_f
     assert choice(False, 2.0, 1.0) is True and timed == []  # no native units: the kernel, nothing timed
     assert choice(True, 1.0, 2.0) is True and len(timed) == 2
     assert choice(True, 2.0, 1.0) is False
-    # then the swap leaves bf16 decoding products to PyTorch: the kernel is not called, the result is the matmul's
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48, bias=False).bfloat16()
     swapped = swap_in_kernels(torch.nn.Sequential(layer))[0]
+    # the swap applies the choice (and keeps PyTorch's layer when neither the kernel nor oneDNN is chosen)
+    assert swapped.gemv is False if isinstance(swapped, KernelLinear) else not onednn_matmul_faster(torch.bfloat16)
     calls = []
     monkeypatch.setattr(cpu, "gemv", lambda *args: calls.append(args) or gemv(*args))
     x = torch.randn(2, 64).bfloat16()
+    exact = F.linear(x, layer.weight)
     with torch.no_grad():
-        torch.testing.assert_close(swapped(x).float(), F.linear(x, layer.weight).float(), atol=2e-2, rtol=2e-2)
-    assert calls == []
+        for module in (swapped, KernelLinear(layer.weight, onednn=True, gemv=False)):
+            torch.testing.assert_close(module(x), exact)  # PyTorch's matmul itself, not oneDNN's nor the kernel's
+        assert calls == []
+        KernelLinear(layer.weight)(x)  # while the same product with the kernel chosen reaches it
+    assert len(calls) == 1

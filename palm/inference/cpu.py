@@ -46,11 +46,12 @@ class KernelLinear(nn.Module):
         rows = x.numel() // x.shape[-1]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.device.type == "cpu" and not needs_grad:
-            if rows <= KERNEL_MAX_ROWS and self.gemv and kernel_available():
-                y = gemv(x.reshape(rows, -1).float().contiguous(), self.weight, self.scale)
-                return y.to(x.dtype).view(*x.shape[:-1], -1)
+            if rows <= KERNEL_MAX_ROWS:
+                if self.gemv and kernel_available():  # else PyTorch's matmul, the path `gemv_kernel_faster` timed
+                    y = gemv(x.reshape(rows, -1).float().contiguous(), self.weight, self.scale)
+                    return y.to(x.dtype).view(*x.shape[:-1], -1)
             # Inductor cannot lower the op over a weight it has not packed itself: compiled code keeps F.linear.
-            if self.onednn and x.dtype == self.weight.dtype and not torch.compiler.is_compiling():
+            elif self.onednn and x.dtype == self.weight.dtype and not torch.compiler.is_compiling():
                 return onednn_linear(x.reshape(rows, -1), self.weight).view(*x.shape[:-1], -1)
         if self.scale is not None:
             return int8_linear(x, self.weight, self.scale)
