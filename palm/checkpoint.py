@@ -14,6 +14,7 @@ can be written, e.g. a merged model one matrix at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -407,7 +408,7 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
     offset = 0
     for name in order:
         dtype, shape = tensors.spec(name)
-        size = _nbytes(dtype, shape)
+        size = math.prod(shape) * dtype.itemsize
         header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -424,12 +425,6 @@ def write_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike,
                 f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             del tensor
 
-
-def _nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
-    count = 1
-    for n in shape:
-        count *= n
-    return count * torch.empty((), dtype=dtype).element_size()
 
 
 def save_reference_checkpoint(model: PaLM, path: str | os.PathLike) -> None:

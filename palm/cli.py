@@ -61,7 +61,8 @@ def print_system() -> None:
 
     import torch
 
-    from palm.inference.cpu import cpu_has_native_bf16, cpu_paths
+    from palm.dtypes import cpu_has_native_bf16
+    from palm.inference.cpu import cpu_paths
 
     model = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from palm.dtypes import cpu_has_native_bf16
 from palm.inference.quantization import Int8Linear, int8_linear
 from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
@@ -99,12 +100,6 @@ def gemv_kernel_faster(dtype: torch.dtype) -> bool:
         kernel = _best_time(lambda: [gemv(x.float(), w, None) for w in weights], repeats=3)
         pytorch = _best_time(lambda: [F.linear(x, w) for w in weights], repeats=3)
     return kernel <= pytorch
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), as PyTorch detects it."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
 
 
 def cpu_paths() -> dict[str, str]:

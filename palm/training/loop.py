@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from palm.dtypes import cpu_has_native_bf16
 from palm.errors import PalmError, Stopped
 from palm.files import check_output_directory
-from palm.inference.cpu import cpu_has_native_bf16
 from palm.training.checkpoints import resolve_resume, save_checkpoint
 from palm.training.config import RunConfig
 from palm.training.metrics import MetricsLog, flops_per_token, memory_in_use, peak_flops, plot_losses
