@@ -19,7 +19,7 @@ ALLOWED = {
     "kernels": {"files"},
     "model": {"config"},
     "tokenizer": {"errors", "checks", "hub", "kernels"},
-    "inference": {"errors", "model", "kernels", "prompts", "tokenizer"},
+    "inference": {"errors", "dtypes", "model", "kernels", "prompts", "tokenizer"},
     "adapters": {"errors", "model", "inference"},
     "checkpoint": {"errors", "files", "hub", "dtypes", "config", "model", "adapters"},
     "data": {"errors", "checks", "files", "hub", "prompts"},
