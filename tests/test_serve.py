@@ -23,7 +23,7 @@ import palm
 from palm.prompts import get_prompt_style
 from palm.serve.app import ServeSettings, create_app
 from palm.serve.cli import base_model_stops, main
-from palm.serve.engine import Engine
+from palm.serve.engine import Engine, Failed, Job
 from palm.tokenizer import ByteTokenizer
 
 PLAIN = get_prompt_style("plain")
@@ -237,6 +237,50 @@ def test_concurrent_requests_share_the_batch_and_match_sequential_greedy(server,
         assert results[prompt].choices[0].text == text_of(greedy(trained_tiny, BYTES.encode(prompt), 100))
     after = server.stats()["decode_steps_by_batch_size"].get(str(len(prompts)), 0)
     assert after > before  # all four decoded in the same steps
+
+
+class Finished:
+    """Engine jobs of one token each, and a count of those that have ended."""
+
+    def __init__(self):
+        self.ended = threading.Semaphore(0)
+
+    def job(self) -> Job:
+        def on_event(event):
+            if isinstance(event, Failed) or any(piece.finish_reason for piece in event):
+                self.ended.release()
+
+        return Job([BYTES.encode("Alice has")], max_tokens=1, on_event=on_event)
+
+    def wait(self, count: int, timeout: float = 30.0) -> None:
+        for _ in range(count):
+            assert self.ended.acquire(timeout=timeout), "a job did not end"
+
+
+def test_requests_arriving_apart_share_one_prefill_and_a_full_batch_starts_at_once(trained_tiny):
+    # three requests 60 ms apart: more than gather_s from the first to the last, less between two
+    engine = Engine(trained_tiny, BYTES, max_batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN, gather_s=0.1, max_gather_s=5.0)
+    engine.start()
+    try:
+        finished = Finished()
+        for _ in range(3):
+            engine.submit(finished.job())
+            time.sleep(0.06)
+        finished.wait(3)
+        assert engine.prefills == 1
+    finally:
+        engine.stop()
+    # requests that fill every row need not wait for more
+    engine = Engine(trained_tiny, BYTES, max_batch_size=SLOTS, max_seq_len=MAX_SEQ_LEN, gather_s=60.0, max_gather_s=60.0)
+    engine.start()
+    try:
+        finished, start = Finished(), time.monotonic()
+        for _ in range(SLOTS):
+            engine.submit(finished.job())
+        finished.wait(SLOTS)
+        assert time.monotonic() - start < 30 and engine.prefills == 1
+    finally:
+        engine.stop()
 
 
 def wait_for(condition, timeout=10.0):

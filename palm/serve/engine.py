@@ -6,8 +6,9 @@ sequences, then joins at the next step: its prompt is prefilled into its rows (t
 whatever else arrived, up to `prefill_tokens` prompt tokens, or one longer prompt) and from then on
 it decodes in the same batch as the others. A sequence that ends (end-of-text, a stop string,
 `max_tokens`) or whose request is cancelled gives its row back before the next step; the batch is
-kept dense by moving the last row into the hole. An idle engine that gets a request waits
-`gather_s` (5 ms) for others sent at the same moment, so that they share one prefill.
+kept dense by moving the last row into the hole. An idle engine that gets a request waits for
+others sent at the same moment (until none has come for `gather_s`, 5 ms, at most `max_gather_s`,
+20 ms), so that they share one prefill.
 
 The engine reports to each request through its `on_event` callback, called from the engine thread
 with a list of `Piece`s (or a `Failed`) after every step that produced something for it.
@@ -102,14 +103,15 @@ class Engine:
     """Decodes the requests given to `submit` as one batch, on a thread of its own (`start`/`stop`)."""
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch_size: int = 8, max_seq_len: int | None = None,
-                 prefill_tokens: int = 512, gather_s: float = 0.005, compile: bool = False):
+                 prefill_tokens: int = 512, gather_s: float = 0.005, max_gather_s: float = 0.02,
+                 compile: bool = False):
         self.tokenizer = tokenizer
         self.decoder = decoding_view(model)
         self.device = model.token_emb.weight.device
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or model.config.max_seq_len
         self.prefill_tokens = prefill_tokens
-        self.gather_s = gather_s
+        self.gather_s, self.max_gather_s = gather_s, max_gather_s
         self.cache = self.decoder.make_cache(max_batch_size, self.max_seq_len)
         self.decode = decode_rows
         if compile:
@@ -177,10 +179,7 @@ class Engine:
                     if not self.rows and not self.waiting:
                         while not self._stopping and not self.waiting:
                             self._wake.wait()
-                        # requests sent together reach the server one by one: let them share a prefill
-                        deadline = time.monotonic() + self.gather_s
-                        while not self._stopping and time.monotonic() < deadline:
-                            self._wake.wait(deadline - time.monotonic())
+                        self._gather()
                     if self._stopping:
                         break
                     self._drop_cancelled()
@@ -197,6 +196,21 @@ class Engine:
             for job in jobs:
                 self._fail(job, "the server is shutting down")
             self._free_finished()
+
+    def _gather(self) -> None:
+        """Requests sent together reach the server one by one, milliseconds apart (more on a busy
+        machine): wait until none has arrived for `gather_s`, at most `max_gather_s` in all, or
+        until the waiting ones fill the batch, so that they share one prefill. Called holding `_wake`."""
+        started = time.monotonic()
+        deadline, arrived = started + self.gather_s, len(self.waiting)
+        while not self._stopping and sum(job.size for job in self.waiting) < self.max_batch_size:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            self._wake.wait(deadline - now)
+            if len(self.waiting) != arrived:
+                deadline = min(time.monotonic() + self.gather_s, started + self.max_gather_s)
+                arrived = len(self.waiting)
 
     def _drop_cancelled(self) -> None:
         self.waiting = collections.deque(job for job in self.waiting if not job.cancelled)
