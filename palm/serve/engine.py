@@ -8,7 +8,7 @@ it decodes in the same batch as the others. A sequence that ends (end-of-text, a
 `max_tokens`) or whose request is cancelled gives its row back before the next step; the batch is
 kept dense by moving the last row into the hole. An idle engine that gets a request waits for
 others sent at the same moment (until none has come for `gather_s`, 5 ms, at most `max_gather_s`,
-20 ms), so that they share one prefill.
+20 ms, or until they fill the batch), so that they share one prefill.
 
 The engine reports to each request through its `on_event` callback, called from the engine thread
 with a list of `Piece`s (or a `Failed`) after every step that produced something for it.
@@ -202,7 +202,7 @@ class Engine:
         machine): wait until none has arrived for `gather_s`, at most `max_gather_s` in all, or
         until the waiting ones fill the batch, so that they share one prefill. Called holding `_wake`."""
         started = time.monotonic()
-        deadline, arrived = started + self.gather_s, len(self.waiting)
+        deadline, arrived = started + min(self.gather_s, self.max_gather_s), len(self.waiting)
         while not self._stopping and sum(job.size for job in self.waiting) < self.max_batch_size:
             now = time.monotonic()
             if now >= deadline:
