@@ -201,16 +201,15 @@ class Engine:
         """Requests sent together reach the server one by one, milliseconds apart (more on a busy
         machine): wait until none has arrived for `gather_s`, at most `max_gather_s` in all, or
         until the waiting ones fill the batch, so that they share one prefill. Called holding `_wake`."""
-        started = time.monotonic()
-        deadline, arrived = started + min(self.gather_s, self.max_gather_s), len(self.waiting)
+        started = last_arrival = time.monotonic()
+        arrived = len(self.waiting)
         while not self._stopping and sum(job.size for job in self.waiting) < self.max_batch_size:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            self._wake.wait(deadline - now)
             if len(self.waiting) != arrived:
-                deadline = min(time.monotonic() + self.gather_s, started + self.max_gather_s)
-                arrived = len(self.waiting)
+                last_arrival, arrived = time.monotonic(), len(self.waiting)
+            remaining = min(last_arrival + self.gather_s, started + self.max_gather_s) - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wake.wait(remaining)
 
     def _drop_cancelled(self) -> None:
         self.waiting = collections.deque(job for job in self.waiting if not job.cancelled)
