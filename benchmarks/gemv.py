@@ -8,18 +8,25 @@ and through PyTorch (`F.linear`; int8 weights dequantized on the fly are not a f
 are skipped), against the read bandwidth of streaming one 1 GiB fp32 matrix. The last columns
 repeat one ~3 MB matrix (rows of 768) that stays in the caches: the kernel's arithmetic ceiling
 for that weight type with memory out of the way, in bytes and in weights per second.
+
+    .venv/bin/python benchmarks/gemv.py --rows 1 2 4 8 16 32 64 128 256
+
+fp32 products of several rows instead (a serving batch, a prefill): the model's products but the
+output layer, each matrix from memory, through palm's kernel (tiled from 2 rows on), oneDNN's
+matmul and PyTorch's `F.linear`, in GFLOP/s, interleaved and median of 7.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import palm
-from palm.inference.cpu import KernelLinear, swap_in_kernels
+from palm.inference.cpu import KernelLinear, onednn_linear, swap_in_kernels
 from palm.inference.quantization import quantize
 from palm.kernels.decode import gemv, load_cpu_kernels
 
@@ -37,9 +44,12 @@ def best_seconds(fn, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="150m")
+    parser.add_argument("--rows", type=int, nargs="+", help="time fp32 products of these many rows instead")
     args = parser.parse_args()
     if not load_cpu_kernels():
         raise SystemExit("palm's CPU kernels are unavailable here")
+    if args.rows:
+        return rows_table(args.preset, args.rows)
     torch.manual_seed(0)
     big = torch.randn(2**14, 2**14)
     x_big = torch.randn(1, 2**14)
@@ -74,6 +84,35 @@ def main() -> None:
         ceiling = small.numel() * small.element_size() * 200 / best_seconds(
             lambda: [gemv(x_small, small, scale) for _ in range(200)], 5)
         print(f"| {dtype} | {ours / 1e9:.1f} | {100 * ours / stream:.0f}% | {theirs_text} | {ratio_text} | {ceiling / 1e9:.1f} | {ceiling / small.element_size() / 1e9:.1f} |", flush=True)
+
+
+def rows_table(preset: str, row_counts: list[int]) -> None:
+    """GFLOP/s of the model's fp32 products (all but the output layer) at each row count, per path."""
+    torch.manual_seed(0)
+    model = palm.PaLM(palm.get_config(preset)).eval()
+    weights = [m.weight.detach() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not name.startswith("to_logits")]
+    paths = {"palm kernel": lambda x, w: gemv(x, w, None), "oneDNN": onednn_linear, "F.linear": F.linear}
+    print(f"# {preset}, {len(weights)} fp32 products ({sum(w.numel() for w in weights) / 1e6:.0f}M weights), "
+          f"{torch.get_num_threads()} threads; GFLOP/s, median of 7 interleaved passes\n")
+    print("| rows | " + " | ".join(paths) + " | palm / best other |")
+    print("| ---: | " + " | ".join("---:" for _ in paths) + " | ---: |")
+    with torch.no_grad():
+        for rows in row_counts:
+            inputs = {k: torch.randn(rows, k) for k in {w.shape[1] for w in weights}}
+            times = {name: [] for name in paths}
+            for repeat in range(8):
+                for name, product in paths.items():
+                    start = time.perf_counter()
+                    for w in weights:
+                        product(inputs[w.shape[1]], w)
+                    if repeat:  # the first pass warms up
+                        times[name].append(time.perf_counter() - start)
+            flop = 2 * rows * sum(w.numel() for w in weights)
+            rate = {name: flop / statistics.median(t) / 1e9 for name, t in times.items()}
+            best_other = max(v for name, v in rate.items() if name != "palm kernel")
+            print(f"| {rows} | " + " | ".join(f"{v:.0f}" for v in rate.values())
+                  + f" | {rate['palm kernel'] / best_other:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

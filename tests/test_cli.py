@@ -31,7 +31,7 @@ def test_info_of_a_checkpoint(reference_checkpoint, capsys):
 def test_info_system_names_this_machines_paths(capsys):
     import torch
 
-    from palm.inference.cpu import gemv_kernel_faster, kernel_available, onednn_matmul_faster
+    from palm.inference.cpu import gemv_kernel_faster, kernel_available, onednn_matmul_faster, tiled_kernel_faster
 
     assert main(["info", "--system"]) == 0
     out = capsys.readouterr().out
@@ -40,6 +40,7 @@ def test_info_system_names_this_machines_paths(capsys):
     lines = dict(line.strip().split(": ", 1) for line in out.splitlines() if line.startswith("  "))
     assert lines["decoding products, up to 8 rows (fp32, int8)"] == ("palm's GEMV kernel" if kernel_available() else "PyTorch's matmul")
     assert (lines["decoding products, up to 8 rows (bf16)"] == "palm's GEMV kernel") == gemv_kernel_faster(torch.bfloat16)
+    assert lines["inference products of 9-128 rows, fp32"].startswith("palm's") == tiled_kernel_faster()
     assert lines["larger inference products, fp32"].startswith("oneDNN") == onednn_matmul_faster(torch.float32)
     assert ("native bf16 units" in lines["bf16 training (autocast)"]) == native
 

@@ -5,8 +5,8 @@ import torch
 
 import torch.nn.functional as F
 
-from palm.inference.cpu import (KERNEL_MAX_ROWS, KernelLinear, gemv_kernel_faster, onednn_linear, onednn_matmul_faster,
-                                single_query_attention, swap_in_kernels)
+from palm.inference.cpu import (KERNEL_MAX_ROWS, TILED_MAX_ROWS, KernelLinear, gemv_kernel_faster, onednn_linear,
+                                onednn_matmul_faster, single_query_attention, swap_in_kernels, tiled_kernel_faster)
 from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 x86_avx2 = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -18,13 +18,16 @@ def test_kernel_builds_on_x86_with_avx2():
 
 
 @pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 11])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 11, 64])  # fp32 from 2 rows on: the tiled path, 3 rows at a time
 @pytest.mark.parametrize("k", [64, 100])  # 100: a tail that is not a multiple of the 32-wide steps
 def test_gemv_matches_matmul(rows, k):
     torch.manual_seed(rows)
     x = torch.randn(rows, k)
-    weight = torch.randn(37, k)
-    torch.testing.assert_close(gemv(x, weight, None), x @ weight.T, atol=1e-4, rtol=1e-5)
+    weight = torch.randn(37, k)  # 37: weight rows left over after the tiles of 4
+    exact = (x.double() @ weight.double().T).float()
+    torch.testing.assert_close(gemv(x, weight, None), exact, atol=1e-4, rtol=1e-5)
+    fp32_scale = torch.rand(37)
+    torch.testing.assert_close(gemv(x, weight, fp32_scale), exact * fp32_scale, atol=1e-4, rtol=1e-5)
     bf16 = weight.bfloat16()
     torch.testing.assert_close(gemv(x, bf16, None), x @ bf16.float().T, atol=1e-4, rtol=1e-5)
     int8 = torch.randint(-127, 128, (37, k), dtype=torch.int8)
@@ -127,6 +130,52 @@ def test_products_too_large_for_the_gemv_kernel_go_through_onednn_and_equal_matm
     trained(x).sum().backward()
     torch.testing.assert_close(trained.weight.grad, x.reshape(-1, 64).sum(0).expand(48, 64), atol=1e-4, rtol=1e-5)
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
+def test_fp32_products_up_to_the_tiled_limit_reach_the_kernel_where_it_is_chosen(monkeypatch):
+    import palm.inference.cpu as cpu
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 96)
+    kernel_calls, onednn_calls = [], []
+    monkeypatch.setattr(cpu, "gemv", lambda *args: kernel_calls.append(args[0].shape[0]) or gemv(*args))
+    monkeypatch.setattr(cpu, "onednn_linear", lambda *args: onednn_calls.append(args[0].shape[0]) or onednn_linear(*args))
+    tiled, untiled = KernelLinear(weight, onednn=True, tiled=True), KernelLinear(weight, onednn=True, tiled=False)
+    with torch.no_grad():
+        for rows in (KERNEL_MAX_ROWS + 1, TILED_MAX_ROWS, TILED_MAX_ROWS + 1):
+            x = torch.randn(rows, 96)
+            exact = (x.double() @ weight.double().T).float()
+            torch.testing.assert_close(tiled(x), exact, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(untiled(x), exact, atol=1e-4, rtol=1e-5)
+    assert kernel_calls == [KERNEL_MAX_ROWS + 1, TILED_MAX_ROWS]
+    assert onednn_calls == [KERNEL_MAX_ROWS + 1, TILED_MAX_ROWS, TILED_MAX_ROWS + 1, TILED_MAX_ROWS + 1]
+    # only fp32 weights take the tiled path: int8 and bf16 products of more rows stay off the kernel
+    int8 = KernelLinear(torch.randint(-127, 128, (48, 96), dtype=torch.int8), torch.rand(48), tiled=True)
+    bf16 = KernelLinear(weight.bfloat16(), tiled=True)
+    assert int8.kernel_max_rows == bf16.kernel_max_rows == KERNEL_MAX_ROWS
+
+
+@pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
+def test_the_tiled_choice_needs_a_5_percent_lead_and_is_applied_by_the_swap(monkeypatch, request):
+    import palm.inference.cpu as cpu
+
+    onednn_matmul_faster(torch.float32)  # asked for by the choice: measured now, before the timings are faked
+    request.addfinalizer(cpu.tiled_kernel_faster.cache_clear)
+
+    def choice(kernel_s: float, other_s: float) -> bool:
+        cpu.tiled_kernel_faster.cache_clear()
+        times = iter([kernel_s, other_s])  # the kernel's pass is timed first
+        monkeypatch.setattr(cpu, "_best_time", lambda fn, repeats=5: next(times))
+        return cpu.tiled_kernel_faster()
+
+    assert choice(0.94, 1.0) is True and choice(0.96, 1.0) is False
+    monkeypatch.undo()
+    cpu.tiled_kernel_faster.cache_clear()  # measured again for the swap
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False).bfloat16())
+    swap_in_kernels(model)
+    assert model[0].kernel_max_rows == (TILED_MAX_ROWS if tiled_kernel_faster() else KERNEL_MAX_ROWS)
+    assert not isinstance(model[1], KernelLinear) or model[1].kernel_max_rows == KERNEL_MAX_ROWS
 
 
 def test_the_onednn_choice_is_measured_per_dtype_and_applied_by_the_swap():

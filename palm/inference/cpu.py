@@ -2,9 +2,11 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth.
 `swap_in_kernels` routes a model's small-batch CPU matmuls to palm's GEMV kernel (fp32, bf16 and
-int8 weights) and its single-query attention to palm's attention kernel. Larger products (prefill,
-big serving batches) go to oneDNN's matmul where it beats PyTorch's default one on this CPU, as
-measured once per process (`onednn_matmul_faster`): on AVX2 CPUs that are not Intel's, MKL's
+int8 weights) and its single-query attention to palm's attention kernel. fp32 products of up to
+TILED_MAX_ROWS rows (short prefills, serving batches) go to the same kernel's tiled path where a
+one-off timing finds it faster (`tiled_kernel_faster`). Larger products (long prefills) go to
+oneDNN's matmul where it beats PyTorch's default one on this CPU, as measured once per process
+(`onednn_matmul_faster`): on AVX2 CPUs that are not Intel's, MKL's
 small-batch products run at about half of oneDNN's speed; on CPUs with native bf16 (AVX512-BF16,
 AMX) oneDNN is the path to those units, and bf16 decoding products go there too where a one-off
 timing says they beat the kernel (`gemv_kernel_faster`). Generation applies this to a view of the
@@ -26,14 +28,19 @@ from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 # More rows than this and a real matrix multiply (prefill) beats streaming the weights per row.
 KERNEL_MAX_ROWS = 8
+# fp32 products of up to this many rows can take the kernel's tiled path instead (`tiled_kernel_faster`);
+# beyond it x no longer fits the caches the tiling relies on, and oneDNN's blocked matmul wins.
+TILED_MAX_ROWS = 128
 
 
 class KernelLinear(nn.Module):
     """A bias-free linear layer over a shared weight (and, for int8, its per-row scale) that sends
     inference calls of up to KERNEL_MAX_ROWS rows on the CPU to the GEMV kernel if `gemv` (see
-    `gemv_kernel_faster`), and larger ones to oneDNN's matmul if `onednn` (see `onednn_matmul_faster`)."""
+    `gemv_kernel_faster`), fp32 ones of up to TILED_MAX_ROWS rows to it too if `tiled` (see
+    `tiled_kernel_faster`), and larger ones to oneDNN's matmul if `onednn` (see `onednn_matmul_faster`)."""
 
-    def __init__(self, weight: Tensor, scale: Tensor | None = None, onednn: bool = False, gemv: bool = True):
+    def __init__(self, weight: Tensor, scale: Tensor | None = None, onednn: bool = False, gemv: bool = True,
+                 tiled: bool = False):
         super().__init__()
         if isinstance(weight, nn.Parameter):
             self.weight = weight
@@ -42,12 +49,13 @@ class KernelLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.onednn = onednn
         self.gemv = gemv
+        self.kernel_max_rows = TILED_MAX_ROWS if tiled and weight.dtype == torch.float32 else KERNEL_MAX_ROWS
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.device.type == "cpu" and not needs_grad:
-            if rows <= KERNEL_MAX_ROWS:
+            if rows <= self.kernel_max_rows:
                 if self.gemv and kernel_available():  # else PyTorch's matmul, the path `gemv_kernel_faster` timed
                     y = gemv(x.reshape(rows, -1).float().contiguous(), self.weight, self.scale)
                     return y.to(x.dtype).view(*x.shape[:-1], -1)
@@ -102,6 +110,22 @@ def gemv_kernel_faster(dtype: torch.dtype) -> bool:
     return kernel <= pytorch
 
 
+@functools.cache
+def tiled_kernel_faster() -> bool:
+    """Whether fp32 products of KERNEL_MAX_ROWS + 1 to TILED_MAX_ROWS rows take the kernel's tiled
+    path: where a one-off timing of 64 rows through a 1024 x 4096 weight finds it at least 5% faster
+    than the path larger products take (oneDNN's matmul or PyTorch's). On AVX-512 CPUs oneDNN's
+    wider vectors are expected to win; on Zen 3 the tiled path was 5-25% faster (BENCHMARKS.md)."""
+    if not kernel_available():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1024, generator=generator)
+    weight = torch.randn(4096, 1024, generator=generator)
+    larger = onednn_linear if onednn_matmul_faster(torch.float32) else F.linear
+    with torch.no_grad():
+        return _best_time(lambda: gemv(x, weight, None)) < 0.95 * _best_time(lambda: larger(x, weight))
+
+
 def cpu_paths() -> dict[str, str]:
     """The code path this machine takes for each kind of CPU work (`palm info --system` prints it)."""
     kernels = kernel_available()
@@ -121,6 +145,9 @@ def cpu_paths() -> dict[str, str]:
         "decoding products, up to 8 rows (fp32, int8)": "palm's GEMV kernel" if kernels else "PyTorch's matmul",
         "decoding products, up to 8 rows (bf16)": bf16_decoding,
         "single-query attention": "palm's attention kernel" if kernels else "PyTorch's SDPA",
+        f"inference products of {KERNEL_MAX_ROWS + 1}-{TILED_MAX_ROWS} rows, fp32": (
+            "palm's GEMV kernel, tiled (measured faster than the larger products' path)" if tiled_kernel_faster()
+            else larger(torch.float32)),
         "larger inference products, fp32": larger(torch.float32),
         "larger inference products, bf16": larger(torch.bfloat16),
         "bf16 training (autocast)": "PyTorch's oneDNN on native bf16 units" if native
@@ -170,8 +197,9 @@ def swap_in_kernels(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
                 onednn, use_gemv = onednn_matmul_faster(child.weight.dtype), gemv_kernel_faster(child.weight.dtype)
+                tiled = child.weight.dtype == torch.float32 and tiled_kernel_faster()
                 if onednn or use_gemv:
-                    setattr(parent, name, KernelLinear(child.weight, onednn=onednn, gemv=use_gemv))
+                    setattr(parent, name, KernelLinear(child.weight, onednn=onednn, gemv=use_gemv, tiled=tiled))
             elif isinstance(child, Int8Linear) and kernel_available():
                 setattr(parent, name, KernelLinear(child.weight, child.scale))
     if not kernel_available():
