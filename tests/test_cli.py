@@ -40,7 +40,7 @@ def test_info_system_names_this_machines_paths(capsys):
     lines = dict(line.strip().split(": ", 1) for line in out.splitlines() if line.startswith("  "))
     assert lines["decoding products, up to 8 rows (fp32, int8)"] == ("palm's GEMV kernel" if kernel_available() else "PyTorch's matmul")
     assert (lines["decoding products, up to 8 rows (bf16)"] == "palm's GEMV kernel") == gemv_kernel_faster(torch.bfloat16)
-    assert lines["inference products of 9-128 rows, fp32"].startswith("palm's") == tiled_kernel_faster()
+    assert lines["inference products of 9-64 rows, fp32"].startswith("palm's") == tiled_kernel_faster()
     assert lines["larger inference products, fp32"].startswith("oneDNN") == onednn_matmul_faster(torch.float32)
     assert ("native bf16 units" in lines["bf16 training (autocast)"]) == native
 

@@ -133,11 +133,42 @@ def test_products_too_large_for_the_gemv_kernel_go_through_onednn_and_equal_matm
 
 
 @pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k", [5, 50, 768])  # 5: no vector step at all; 50: a tail past 8-wide steps
+def test_tiled_fp32_products_match_matmul_and_give_each_row_its_result_alone(threads, k):
+    """Row counts around the tiles of 3, weight rows over several chunks and a tail of
+    weight rows, on one thread and two; a row's result is bit for bit the one it gets alone
+    (M = 1, the row kernel), so that a serving batch does not change anyone's tokens."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(k)
+        weight, scale = torch.randn(203, k), torch.rand(203)
+        for rows in (2, 3, 6, 7, 64):
+            x = torch.randn(rows, k)
+            exact = (x.double() @ weight.double().T).float()
+            got = gemv(x, weight, None)
+            torch.testing.assert_close(got, exact, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(gemv(x, weight, scale), exact * scale, atol=1e-4, rtol=1e-5)
+            alone = torch.cat([gemv(x[i : i + 1], weight, None) for i in range(rows)])
+            assert torch.equal(got, alone)
+    finally:
+        torch.set_num_threads(previous)
+
+
+kernels_here = pytest.mark.skipif(not (x86_avx2 and load_cpu_kernels()), reason="palm's CPU kernels do not run here")
+
+
+@kernels_here
 def test_fp32_products_up_to_the_tiled_limit_reach_the_kernel_where_it_is_chosen(monkeypatch):
     import palm.inference.cpu as cpu
 
     torch.manual_seed(0)
     weight = torch.randn(48, 96)
+    try:
+        onednn_linear(torch.randn(KERNEL_MAX_ROWS + 1, 96), weight)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        pytest.skip("this PyTorch build cannot run oneDNN's fp32 inner product")
     kernel_calls, onednn_calls = [], []
     monkeypatch.setattr(cpu, "gemv", lambda *args: kernel_calls.append(args[0].shape[0]) or gemv(*args))
     monkeypatch.setattr(cpu, "onednn_linear", lambda *args: onednn_calls.append(args[0].shape[0]) or onednn_linear(*args))
@@ -150,13 +181,15 @@ def test_fp32_products_up_to_the_tiled_limit_reach_the_kernel_where_it_is_chosen
             torch.testing.assert_close(untiled(x), exact, atol=1e-4, rtol=1e-5)
     assert kernel_calls == [KERNEL_MAX_ROWS + 1, TILED_MAX_ROWS]
     assert onednn_calls == [KERNEL_MAX_ROWS + 1, TILED_MAX_ROWS, TILED_MAX_ROWS + 1, TILED_MAX_ROWS + 1]
-    # only fp32 weights take the tiled path: int8 and bf16 products of more rows stay off the kernel
+    # only fp32 weights take the tiled path, and only where the kernel is chosen: int8 and bf16
+    # products of more rows, and those of a layer kept off the kernel, stay with oneDNN or PyTorch
     int8 = KernelLinear(torch.randint(-127, 128, (48, 96), dtype=torch.int8), torch.rand(48), tiled=True)
     bf16 = KernelLinear(weight.bfloat16(), tiled=True)
-    assert int8.kernel_max_rows == bf16.kernel_max_rows == KERNEL_MAX_ROWS
+    no_kernel = KernelLinear(weight, onednn=True, gemv=False, tiled=True)
+    assert int8.kernel_max_rows == bf16.kernel_max_rows == no_kernel.kernel_max_rows == KERNEL_MAX_ROWS
 
 
-@pytest.mark.skipif(not x86_avx2, reason="the GEMV kernel needs x86 with AVX2")
+@kernels_here
 def test_the_tiled_choice_needs_a_5_percent_lead_and_is_applied_by_the_swap(monkeypatch, request):
     import palm.inference.cpu as cpu
 

@@ -28,9 +28,10 @@ from palm.kernels.decode import decode_attention, gemv, load_cpu_kernels
 
 # More rows than this and a real matrix multiply (prefill) beats streaming the weights per row.
 KERNEL_MAX_ROWS = 8
-# fp32 products of up to this many rows can take the kernel's tiled path instead (`tiled_kernel_faster`);
-# beyond it x no longer fits the caches the tiling relies on, and oneDNN's blocked matmul wins.
-TILED_MAX_ROWS = 128
+# fp32 products of up to this many rows can take the kernel's tiled path instead (`tiled_kernel_faster`,
+# timed at this size); its lead over oneDNN shrinks beyond it (1.03x at 128 rows on Zen 3), as x
+# outgrows the caches the tiling relies on.
+TILED_MAX_ROWS = 64
 
 
 class KernelLinear(nn.Module):
@@ -49,7 +50,7 @@ class KernelLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.onednn = onednn
         self.gemv = gemv
-        self.kernel_max_rows = TILED_MAX_ROWS if tiled and weight.dtype == torch.float32 else KERNEL_MAX_ROWS
+        self.kernel_max_rows = TILED_MAX_ROWS if tiled and gemv and weight.dtype == torch.float32 else KERNEL_MAX_ROWS
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
@@ -113,13 +114,15 @@ def gemv_kernel_faster(dtype: torch.dtype) -> bool:
 @functools.cache
 def tiled_kernel_faster() -> bool:
     """Whether fp32 products of KERNEL_MAX_ROWS + 1 to TILED_MAX_ROWS rows take the kernel's tiled
-    path: where a one-off timing of 64 rows through a 1024 x 4096 weight finds it at least 5% faster
-    than the path larger products take (oneDNN's matmul or PyTorch's). On AVX-512 CPUs oneDNN's
-    wider vectors are expected to win; on Zen 3 the tiled path was 5-25% faster (BENCHMARKS.md)."""
+    path: where a one-off timing of TILED_MAX_ROWS rows through a 1024 x 4096 weight finds it at
+    least 5% faster than the path larger products take (oneDNN's matmul or PyTorch's). On Zen 3 it
+    ran the 150m model's products of 16-64 rows 1.12-1.33x as fast as oneDNN (BENCHMARKS.md);
+    oneDNN's wider vectors may win on AVX-512 CPUs. (fp32 products of 2 to KERNEL_MAX_ROWS rows take
+    the tiled path whenever the kernel runs them: there it streams the weights as the row kernel did.)"""
     if not kernel_available():
         return False
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 1024, generator=generator)
+    x = torch.randn(TILED_MAX_ROWS, 1024, generator=generator)
     weight = torch.randn(4096, 1024, generator=generator)
     larger = onednn_linear if onednn_matmul_faster(torch.float32) else F.linear
     with torch.no_grad():

@@ -12,9 +12,9 @@
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]       x: (M, K) fp32, w: (N, K), y: (M, N) fp32
 //
-// fp32 weights against two rows or more (a serving batch, a prefill of up to a hundred or so
-// tokens) go to a tiled kernel instead: from a few rows on, fp32 products are bound by arithmetic
-// rather than memory, and it keeps each weight row in L1 across all of x (see tiled_f32).
+// fp32 weights against two rows or more (a serving batch, a prefill of up to 64 tokens) go to a
+// tiled kernel instead: from a few rows on, fp32 products are bound by arithmetic rather than
+// memory, and it keeps each weight row in the cache across all of x (see tiled_f32).
 
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -272,8 +272,8 @@ std::vector<int16_t> round_to_int16(const float* x, int64_t M, int64_t K, std::v
 // A tile of MR rows of x by NR rows of w over all of K: MR x NR accumulators, with x's MR vectors
 // loaded once per step and each weight vector used MR times. 3 x 4 fills the 16 AVX2 registers
 // (12 accumulators, 3 of x, 1 of w): 7 loads per 12 multiply-adds, where the row kernel above
-// needs 9 per 8. On Zen 3 (benchmarks/gemv.py --rows) the 150m model's products of 16-128 rows
-// ran 1.03-1.33x as fast as oneDNN's, up to 141 GFLOP/s (90% of two cores' peak), and those of
+// needs 9 per 8. On Zen 3 (benchmarks/gemv.py --rows) the 150m model's products of 16-64 rows
+// ran 1.12-1.33x as fast as oneDNN's, up to 141 GFLOP/s (90% of two cores' peak), and those of
 // 2-8 rows as fast as the row kernel's or a little faster.
 template <int MR, int NR>
 inline void tile_f32(const float* x, const float* w, const float* scale, float* y, int64_t K, int64_t N,
@@ -281,7 +281,10 @@ inline void tile_f32(const float* x, const float* w, const float* scale, float* 
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_setzero_ps();
-  const int64_t K_vec = K / 8 * 8;
+  // Vector steps up to the row kernel's boundary, not K / 8 * 8: each lane then sums the same
+  // products in the same order as rows_kernel, so that a row gets the same result alone (M = 1)
+  // as in a batch.
+  const int64_t K_vec = K / kStep * kStep;
   for (int64_t k = 0; k < K_vec; k += 8) {
     if (prefetch_rows && k % 16 == 0)
       for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(prefetch_rows + r * K + k), _MM_HINT_T0);
@@ -304,8 +307,9 @@ inline void tile_f32(const float* x, const float* w, const float* scale, float* 
 }
 
 // NR rows of w against all M rows of x, MR at a time: the weight rows are read from memory by
-// the first tile and from L1 by the others. The first tile also prefetches the next NR rows, so
-// that memory is busy while the other tiles compute (8 rows: 15% less time in an A/B run).
+// the first tile and from the cache by the others (L1 for rows of up to ~1,500 weights, else
+// L2). The first tile also prefetches the next NR rows, so that memory is busy while the other
+// tiles compute (8 rows: 15% less time in an A/B run).
 template <int NR>
 void weight_rows_f32(const float* x, const float* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
                      const float* next) {
@@ -320,7 +324,9 @@ void weight_rows_f32(const float* x, const float* w, const float* scale, float* 
 // another process) then holds up the product by about half that time instead of all of it.
 void tiled_f32(const float* w, const float* x, const float* scale, float* y, int64_t M, int64_t K, int64_t N) {
   constexpr int NR = 4;
-  // about 1M multiply-adds a chunk, and at least four chunks a thread
+  // About 1M multiply-adds a chunk, and at least four chunks a thread. Tried and not kept: chunks
+  // of at least 16 rows (a whole cache line of each row of y) with the prefetch crossing chunk
+  // ends, 3-5% slower on the 150m model's prefill and 16-row decoding steps.
   const int64_t threads = at::get_num_threads();
   const int64_t by_work = (1 << 20) / std::max<int64_t>(M * K, 1);
   const int64_t by_share = N / (4 * threads);
